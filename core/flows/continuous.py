@@ -1,0 +1,196 @@
+"""Continuous normalizing flows (FFJORD) on torchdiffeq.
+
+The state ``x(t)`` follows ``dx/dt = f(t, x, context)``; along it ``d log|det dx(t)/dx(0)| / dt = tr(df/dx)``.
+``CNF.forward`` integrates data -> latent over ``[0, T]`` and returns ``log|det dz/dx| = int_0^T tr(df/dx) dt``;
+``inverse`` integrates back over ``[T, 0]``.
+
+The dynamics is any module ``f(t, x, context) -> dx/dt`` with output shaped like ``x``. A dynamics that sets
+``pointwise = True`` promises that along every dimension but the batch and the last one (points of a cloud) the
+map acts element by element, so the exact trace needs only ``x.shape[-1]`` backward passes.
+
+References:
+    Chen et al., Neural ODEs (2018), arXiv:1806.07366. Grathwohl et al., FFJORD (2018), arXiv:1810.01367.
+    Finlay et al., How to train your neural ODE (2020), arXiv:2002.02798 (kinetic / Jacobian regularisers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from core.flows.base import Flow, sum_except_batch
+
+__all__ = ["CNF", "regularization_loss", "hutchinson_noise", "divergence_exact", "divergence_hutchinson"]
+
+
+def hutchinson_noise(like: Tensor, kind: str) -> Tensor:
+    """Noise with E[e e^T] = I for the Hutchinson estimator: ``rademacher`` (+-1) or ``gaussian``."""
+    if kind == "rademacher":
+        return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+    if kind == "gaussian":
+        return torch.randn_like(like)
+    raise ValueError(f"unknown Hutchinson noise {kind!r}; choose rademacher or gaussian")
+
+
+def divergence_exact(dx: Tensor, x: Tensor, create_graph: bool, pointwise: bool = False) -> Tensor:
+    """tr(d dx / d x) per sample, one backward pass per feature (per last-dim feature if ``pointwise``)."""
+    if pointwise:
+        div = x.new_zeros(x.shape[:-1])
+        for i in range(x.shape[-1]):
+            g = torch.autograd.grad(dx[..., i].sum(), x, create_graph=create_graph)[0]
+            div = div + g[..., i]
+        return sum_except_batch(div) if div.dim() > 1 else div
+    flat = dx.reshape(dx.shape[0], -1)
+    div = x.new_zeros(x.shape[0])
+    for i in range(flat.shape[1]):
+        g = torch.autograd.grad(flat[:, i].sum(), x, create_graph=create_graph)[0]
+        div = div + g.reshape(x.shape[0], -1)[:, i]
+    return div
+
+
+def divergence_hutchinson(dx: Tensor, x: Tensor, noise: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
+    """Unbiased estimate ``e^T (d dx/d x) e`` per sample; also returns the vector-Jacobian product ``e^T J``."""
+    e_jac = torch.autograd.grad(dx, x, noise, create_graph=create_graph)[0]
+    return sum_except_batch(e_jac * noise), e_jac
+
+
+class _ODEFunc(nn.Module):
+    """The augmented ODE of a CNF: state (x, logdet, [kinetic, jacobian], context)."""
+
+    def __init__(self, dynamics: nn.Module, trace: str) -> None:
+        super().__init__()
+        self.dynamics = dynamics
+        self.trace = trace
+        self.noise: Tensor | None = None
+        self.regularize = False
+        self.num_evals = 0
+
+    def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        self.num_evals += 1
+        x, context = state[0], state[-1]
+        context = context if context.numel() else None
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            dx = self.dynamics(t, x, context)
+            e_jac = None
+            if self.trace == "hutchinson":
+                div, e_jac = divergence_hutchinson(dx, x, self.noise, create_graph or self.regularize)
+            else:
+                pointwise = getattr(self.dynamics, "pointwise", False)
+                div = divergence_exact(dx, x, create_graph, pointwise)
+            out = [dx, div]
+            if self.regularize:
+                if e_jac is None:
+                    _, e_jac = divergence_hutchinson(dx, x, self.noise, True)
+                out += [sum_except_batch(dx * dx), sum_except_batch(e_jac * e_jac)]
+        if not create_graph:
+            out = [o.detach() for o in out]
+        return (*out, torch.zeros_like(state[-1]))
+
+
+class CNF(Flow):
+    """A continuous normalizing flow with learnable end time ``T`` (``T = sqrt_end_time ** 2``, as FFJORD).
+
+    Arguments:
+        dynamics: module ``f(t, x, context) -> dx/dt``.
+        trace: ``"exact"`` (one backward pass per feature; small dimensions, evaluation) or ``"hutchinson"``.
+        noise: ``"rademacher"`` or ``"gaussian"``; one draw per solve, fixed during it.
+        solver, atol, rtol, step_size: passed to torchdiffeq (``step_size`` for fixed-grid solvers).
+        adjoint: integrate the backward pass with the adjoint method (memory O(1) in the solver steps).
+        end_time, train_end_time: initial ``T`` and whether it is learned.
+        kinetic_energy, jacobian_norm: weights of the regularisers ``int |f|^2 dt`` and
+            ``int |e^T df/dx|^2 dt``, computed in training only; read them with :func:`regularization_loss`.
+    """
+
+    def __init__(
+        self,
+        dynamics: nn.Module,
+        trace: str = "hutchinson",
+        noise: str = "rademacher",
+        solver: str = "dopri5",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        step_size: float | None = None,
+        adjoint: bool = True,
+        end_time: float = 1.0,
+        train_end_time: bool = True,
+        kinetic_energy: float = 0.0,
+        jacobian_norm: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if trace not in ("exact", "hutchinson"):
+            raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
+        hutchinson_noise(torch.zeros(1), noise)  # validate the name now
+        self.func = _ODEFunc(dynamics, trace)
+        self.noise_kind = noise
+        self.solver, self.atol, self.rtol, self.step_size, self.adjoint = solver, atol, rtol, step_size, adjoint
+        sqrt_t = torch.tensor(math.sqrt(end_time))
+        if train_end_time:
+            self.sqrt_end_time = nn.Parameter(sqrt_t)
+        else:
+            self.register_buffer("sqrt_end_time", sqrt_t)
+        self.kinetic_energy, self.jacobian_norm = kinetic_energy, jacobian_norm
+        self.regularization: dict[str, Tensor] = {}
+
+    @property
+    def trace(self) -> str:
+        return self.func.trace
+
+    @trace.setter
+    def trace(self, value: str) -> None:
+        if value not in ("exact", "hutchinson"):
+            raise ValueError(f"trace must be 'exact' or 'hutchinson', got {value!r}")
+        self.func.trace = value
+
+    @property
+    def end_time(self) -> Tensor:
+        return self.sqrt_end_time**2
+
+    def _solve(self, x: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("CNF needs autograd for its trace: use torch.no_grad(), not torch.inference_mode()")
+        regularize = self.training and (self.kinetic_energy > 0 or self.jacobian_norm > 0) and not reverse
+        self.func.regularize = regularize
+        if self.func.trace == "hutchinson" or regularize:
+            self.func.noise = hutchinson_noise(x, self.noise_kind)
+        zero = x.new_zeros(x.shape[0])
+        ctx = context if context is not None else x.new_zeros(0)
+        state = (x, zero, zero, zero, ctx) if regularize else (x, zero, ctx)
+        t_end = self.end_time.to(x)
+        times = torch.stack([t_end, t_end.new_zeros(())]) if reverse else torch.stack([t_end.new_zeros(()), t_end])
+        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
+        if self.step_size is not None:
+            kwargs["options"] = dict(step_size=self.step_size)
+        if self.adjoint and torch.is_grad_enabled():
+            out = odeint_adjoint(self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs)
+        else:
+            out = odeint(self.func, state, times, **kwargs)
+        final = [o[-1] for o in out]
+        if regularize:
+            self.regularization = {"kinetic_energy": final[2], "jacobian_norm": final[3]}
+        else:
+            self.regularization = {}
+        self.func.noise = None
+        return final[0], final[1]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._solve(x, context, reverse=False)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._solve(z, context, reverse=True)
+
+
+def regularization_loss(model: nn.Module) -> Tensor | None:
+    """Weighted sum, averaged over the batch, of the regularisers the CNFs in ``model`` computed last forward."""
+    total = None
+    for m in model.modules():
+        if isinstance(m, CNF) and m.regularization:
+            term = m.kinetic_energy * m.regularization["kinetic_energy"].mean()
+            term = term + m.jacobian_norm * m.regularization["jacobian_norm"].mean()
+            total = term if total is None else total + term
+    return total
