@@ -40,20 +40,20 @@ def divergence_exact(dx: Tensor, x: Tensor, create_graph: bool, pointwise: bool 
     if pointwise:
         div = x.new_zeros(x.shape[:-1])
         for i in range(x.shape[-1]):
-            g = torch.autograd.grad(dx[..., i].sum(), x, create_graph=create_graph)[0]
+            g = torch.autograd.grad(dx[..., i].sum(), x, create_graph=create_graph, retain_graph=True)[0]
             div = div + g[..., i]
         return sum_except_batch(div) if div.dim() > 1 else div
     flat = dx.reshape(dx.shape[0], -1)
     div = x.new_zeros(x.shape[0])
     for i in range(flat.shape[1]):
-        g = torch.autograd.grad(flat[:, i].sum(), x, create_graph=create_graph)[0]
+        g = torch.autograd.grad(flat[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0]
         div = div + g.reshape(x.shape[0], -1)[:, i]
     return div
 
 
 def divergence_hutchinson(dx: Tensor, x: Tensor, noise: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
     """Unbiased estimate ``e^T (d dx/d x) e`` per sample; also returns the vector-Jacobian product ``e^T J``."""
-    e_jac = torch.autograd.grad(dx, x, noise, create_graph=create_graph)[0]
+    e_jac = torch.autograd.grad(dx, x, noise, create_graph=create_graph, retain_graph=True)[0]
     return sum_except_batch(e_jac * noise), e_jac
 
 
@@ -74,7 +74,8 @@ class _ODEFunc(nn.Module):
         context = context if context.numel() else None
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not x.requires_grad:
+            if not (create_graph and x.requires_grad):
+                # no graph is wanted upstream of x (evaluation, or the adjoint's no-grad passes): start one here
                 x = x.detach().requires_grad_(True)
             dx = self.dynamics(t, x, context)
             e_jac = None

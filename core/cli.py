@@ -1,0 +1,121 @@
+"""``python -m apps.X <command> [hydra overrides]``: one dispatcher for every app.
+
+Each app's ``__main__`` calls :func:`main` with its commands. The command picks ``conf/<app>/<command>.yaml``
+as Hydra's primary config; the shared groups (``trainer``, ``logger``, ``callbacks``) come from ``conf/`` through
+Hydra's search path. Everything after the command is Hydra's: overrides, ``-m`` multirun, ``--cfg job``,
+``--help``.
+
+Lightning's DDP launcher restarts worker ranks as ``python -m apps.X <sys.argv[1:]> hydra.run.dir=...``. While a
+command runs, ``sys.argv`` is the original one (with the command), so workers re-enter here with the same command;
+repeated overrides (a user's ``hydra.run.dir`` plus the launcher's) are collapsed, last one wins.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+__all__ = ["CONF_DIR", "main", "compose", "dedupe_overrides"]
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+SHARED_GROUPS = ("trainer", "logger", "callbacks")
+
+
+def _override_key(arg: str) -> str | None:
+    if arg.startswith("-") or "=" not in arg:
+        return None
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def dedupe_overrides(args: Sequence[str]) -> list[str]:
+    """Keep the last of repeated ``key=value`` overrides (Hydra refuses duplicates); flags pass unchanged."""
+    last = {}
+    for i, a in enumerate(args):
+        key = _override_key(a)
+        if key is not None:
+            last[key] = i
+    return [a for i, a in enumerate(args) if _override_key(a) is None or last[_override_key(a)] == i]
+
+
+def _searchpath_override() -> str:
+    return f"hydra.searchpath=[file://{CONF_DIR}]"
+
+
+def compose(app: str, command: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config a command would run with (for tests and notebooks): ``compose("density2d", "train", [...])``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR / app), version_base="1.3"):
+        return hydra_compose(command, overrides=[_searchpath_override(), *overrides])
+
+
+def _choices(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _help(app: str, commands: dict[str, Callable], descriptions: dict[str, str]) -> str:
+    lines = [f"usage: python -m apps.{app} <command> [key=value ...] [hydra flags]", "", "commands:"]
+    for name in commands:
+        lines.append(f"  {name:<12} {descriptions.get(name, '')}")
+    lines += ["", "config groups (choose with group=option):"]
+    groups = {g: _choices(CONF_DIR / g) for g in SHARED_GROUPS}
+    groups.update({p.name: _choices(p) for p in sorted((CONF_DIR / app).iterdir()) if p.is_dir()})
+    for g, opts in groups.items():
+        lines.append(f"  {g:<12} {', '.join(opts)}")
+    try:
+        cfg = compose(app, next(iter(commands)))
+        keys = [k for k in cfg if k not in groups and k != "hydra"]
+        lines += ["", f"main keys of '{next(iter(commands))}': " + ", ".join(keys)]
+    except Exception as e:  # help must never crash on a broken config: say what is wrong instead
+        lines += ["", f"(could not compose the config: {e})"]
+    lines += [
+        "",
+        "examples:",
+        f"  python -m apps.{app} train trainer.max_epochs=5 logger=csv",
+        f"  python -m apps.{app} train trainer=ddp trainer.devices=4        # multi-GPU",
+        f"  python -m apps.{app} train --cfg job                          # print the composed config",
+        f"  python -m apps.{app} <command> --help                         # Hydra's help for one command",
+    ]
+    return "\n".join(lines)
+
+
+def main(
+    app: str,
+    commands: dict[str, Callable[[DictConfig], Any]],
+    descriptions: dict[str, str] | None = None,
+    argv: Sequence[str] | None = None,
+) -> Any:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to ``commands[argv[0]]`` under Hydra."""
+    import hydra
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_help(app, commands, descriptions or {}))
+        return None
+    command, rest = args[0], dedupe_overrides(args[1:])
+    if command not in commands:
+        sys.exit(f"apps.{app}: unknown command {command!r}; choose one of: {', '.join(commands)} (see --help)")
+    if not (CONF_DIR / app / f"{command}.yaml").is_file():
+        sys.exit(f"apps.{app}: missing config {CONF_DIR / app / f'{command}.yaml'}")
+
+    original_argv = list(sys.argv)
+    result: dict[str, Any] = {}
+
+    def task(cfg: DictConfig) -> Any:
+        sys.argv = original_argv  # DDP worker ranks are launched from sys.argv: they must see the command
+        result["value"] = commands[command](cfg)
+        return result["value"]
+
+    task.__name__ = f"{app}_{command}"
+    runner = hydra.main(config_path=str(CONF_DIR / app), config_name=command, version_base="1.3")(task)
+    sys.argv = [original_argv[0] if original_argv else app, _searchpath_override(), *rest]
+    try:
+        runner()
+    finally:
+        sys.argv = original_argv
+    return result.get("value")
