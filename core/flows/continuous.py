@@ -35,25 +35,31 @@ def hutchinson_noise(like: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown Hutchinson noise {kind!r}; choose rademacher or gaussian")
 
 
+def _grad(out: Tensor, x: Tensor, weight: Tensor | None, create_graph: bool) -> Tensor:
+    """d(weight . out)/dx, zeros where ``out`` does not depend on ``x`` (e.g. a constant velocity field)."""
+    g = torch.autograd.grad(out, x, weight, create_graph=create_graph, retain_graph=True, allow_unused=True)[0]
+    return torch.zeros_like(x) if g is None else g
+
+
 def divergence_exact(dx: Tensor, x: Tensor, create_graph: bool, pointwise: bool = False) -> Tensor:
     """tr(d dx / d x) per sample, one backward pass per feature (per last-dim feature if ``pointwise``)."""
     if pointwise:
         div = x.new_zeros(x.shape[:-1])
         for i in range(x.shape[-1]):
-            g = torch.autograd.grad(dx[..., i].sum(), x, create_graph=create_graph, retain_graph=True)[0]
+            g = _grad(dx[..., i].sum(), x, None, create_graph)
             div = div + g[..., i]
         return sum_except_batch(div) if div.dim() > 1 else div
     flat = dx.reshape(dx.shape[0], -1)
     div = x.new_zeros(x.shape[0])
     for i in range(flat.shape[1]):
-        g = torch.autograd.grad(flat[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0]
+        g = _grad(flat[:, i].sum(), x, None, create_graph)
         div = div + g.reshape(x.shape[0], -1)[:, i]
     return div
 
 
 def divergence_hutchinson(dx: Tensor, x: Tensor, noise: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
     """Unbiased estimate ``e^T (d dx/d x) e`` per sample; also returns the vector-Jacobian product ``e^T J``."""
-    e_jac = torch.autograd.grad(dx, x, noise, create_graph=create_graph, retain_graph=True)[0]
+    e_jac = _grad(dx, x, noise, create_graph)
     return sum_except_batch(e_jac * noise), e_jac
 
 

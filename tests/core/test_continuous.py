@@ -1,0 +1,111 @@
+"""CNF-specific checks: unbiased Hutchinson trace, adjoint == direct gradients, regularisers, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.flows import CNF, regularization_loss
+from core.flows.continuous import divergence_exact, divergence_hutchinson, hutchinson_noise
+from core.nn import ConcatSquashMLP
+
+
+def dynamics(features=4, context=0):
+    torch.manual_seed(3)
+    f = ConcatSquashMLP(features, (32, 32), context).double()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.mul_(2.0)
+    return f
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased(noise):
+    f = dynamics()
+    x0 = torch.randn(1, 4, dtype=torch.float64)
+    x = x0.expand(20000, 4).clone().requires_grad_(True)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    dx = f(t, x)
+    x1 = x0.clone().requires_grad_(True)
+    exact = divergence_exact(f(t, x1), x1, create_graph=False)[0]
+    est, _ = divergence_hutchinson(dx, x, hutchinson_noise(x, noise), create_graph=False)
+    stderr = est.std() / est.numel() ** 0.5
+    # within 4 standard errors of the exact trace (a bias of 0.05 would fail)
+    assert abs(est.mean() - exact) < 4 * stderr + 1e-12
+    assert stderr < 0.02
+
+
+def test_cnf_hutchinson_logdet_is_unbiased_over_solves():
+    f = dynamics(3)
+    exact = CNF(f, trace="exact", solver="rk4", step_size=0.05, adjoint=False, end_time=0.5).double()
+    hutch = CNF(f, trace="hutchinson", solver="rk4", step_size=0.05, adjoint=False, end_time=0.5).double()
+    x = torch.randn(1, 3, dtype=torch.float64).expand(4000, 3).clone()
+    with torch.no_grad():
+        _, ld_exact = exact(x[:1])
+        z, ld = hutch(x)
+        z_exact, _ = exact(x[:1])
+    torch.testing.assert_close(z[:1], z_exact)  # the noise changes the trace only, never the path
+    assert abs(ld.mean() - ld_exact[0]) < 4 * ld.std() / ld.numel() ** 0.5 + 1e-9
+
+
+def test_adjoint_gradients_match_direct_backprop():
+    f = dynamics(3, context=2)
+    grads = []
+    for adjoint in (False, True):
+        cnf = CNF(f, trace="exact", atol=1e-10, rtol=1e-10, adjoint=adjoint, end_time=0.7).double()
+        torch.manual_seed(0)
+        x, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64).requires_grad_(True)
+        z, logdet = cnf(x, c)
+        (z.square().sum() - logdet.sum()).backward()
+        grads.append([p.grad.clone() for p in cnf.parameters()] + [c.grad.clone()])
+        f.zero_grad()
+    for g_direct, g_adjoint in zip(*grads):
+        torch.testing.assert_close(g_adjoint, g_direct, atol=1e-6, rtol=1e-5)
+
+
+def test_regularisers_are_computed_in_training_only():
+    f = dynamics(2)
+    cnf = CNF(f, trace="hutchinson", kinetic_energy=0.1, jacobian_norm=0.2, solver="rk4", step_size=0.1).double()
+    x = torch.randn(8, 2, dtype=torch.float64)
+    cnf.train()
+    cnf(x)
+    reg = regularization_loss(cnf)
+    assert reg is not None and reg.item() > 0 and reg.requires_grad
+    assert set(cnf.regularization) == {"kinetic_energy", "jacobian_norm"}
+    cnf.eval()
+    with torch.no_grad():
+        cnf(x)
+    assert regularization_loss(cnf) is None
+
+
+def test_kinetic_energy_of_constant_velocity_field():
+    class Constant(torch.nn.Module):
+        pointwise = False
+
+        def __init__(self):
+            super().__init__()
+            self.v = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+
+        def forward(self, t, x, context=None):
+            return self.v.expand_as(x)
+
+    cnf = CNF(Constant(), trace="exact", kinetic_energy=1.0, solver="rk4", step_size=0.1, end_time=2.0,
+              train_end_time=False, adjoint=False).double().train()
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    z, logdet = cnf(x)
+    torch.testing.assert_close(z, torch.tensor([[6.0, 8.0]] * 4, dtype=torch.float64))
+    torch.testing.assert_close(logdet, torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(cnf.regularization["kinetic_energy"], torch.full((4,), 50.0, dtype=torch.float64))
+
+
+def test_inference_mode_gives_a_clear_error():
+    cnf = CNF(dynamics(2).float())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="no_grad"):
+        cnf(torch.randn(2, 2))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="trace"):
+        CNF(dynamics(2), trace="approximate")
+    with pytest.raises(ValueError, match="noise"):
+        CNF(dynamics(2), noise="uniform")
