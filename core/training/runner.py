@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,11 @@ def fit(cfg: DictConfig) -> FitResult:
     if ckpt:
         log.info("resuming from %s", ckpt)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        with warnings.catch_warnings():
+            # with OnExceptionCheckpoint, Lightning reads ckpt_path=None as "last" and warns when there is none
+            warnings.filterwarnings("ignore", message=".*ckpt_path=None.*was called without a model")
+            warnings.filterwarnings("ignore", message=".*there is no last checkpoint available")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         if cfg.get("test_after_fit", True) and _has_test_data(datamodule):
             trainer.test(module, datamodule=datamodule, verbose=False)
     finally:

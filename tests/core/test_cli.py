@@ -1,0 +1,57 @@
+"""The dispatcher: help, errors that name the key, and the argv that DDP worker ranks receive."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from apps.density2d.commands import COMMANDS
+from core.cli import dedupe_overrides, main
+from tests.helpers import run_cli
+
+
+def test_dedupe_keeps_the_last_value_and_flags():
+    args = ["a=1", "hydra.run.dir=x", "-m", "+b=2", 'hydra.run.dir="y"', "a=3"]
+    assert dedupe_overrides(args) == ["-m", "+b=2", 'hydra.run.dir="y"', "a=3"]
+
+
+def test_help_lists_commands_groups_and_keys(capsys):
+    main("density2d", COMMANDS, argv=["--help"])
+    out = capsys.readouterr().out
+    for word in ("train", "sample", "evaluate", "trainer", "ddp_cpu", "realnvp", "cnf", "wandb", "ckpt_path"):
+        assert word in out
+
+
+def test_unknown_command_names_the_choices():
+    with pytest.raises(SystemExit, match="unknown command 'fit'.*train, sample, evaluate"):
+        main("density2d", COMMANDS, argv=["fit"])
+
+
+def test_worker_rank_argv_is_accepted(tmp_path, monkeypatch):
+    """Lightning re-launches `python -m apps.X <argv[1:]> hydra.run.dir="..." hydra.job.name=... hydra.output_subdir=null`:
+    the command is still first and hydra.run.dir may now appear twice."""
+    run_dir = tmp_path / "worker"
+    argv = ["train", f"hydra.run.dir={tmp_path / 'user'}", "trainer.fast_dev_run=true", "logger=none",
+            "trainer.enable_progress_bar=false", f'hydra.run.dir="{run_dir}"', "hydra.job.name=train_ddp_process_1",
+            "hydra.output_subdir=null"]
+    monkeypatch.setattr(sys, "argv", ["apps/density2d/__main__.py", *argv])
+    metrics = main("density2d", COMMANDS)
+    assert sys.argv == ["apps/density2d/__main__.py", *argv], "sys.argv must be restored"
+    assert metrics["global_step"] == 1
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
+
+
+def test_bad_overrides_name_the_key_and_choices(tmp_path):
+    proc = run_cli("density2d", "train", "model=realnpv", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "realnpv" in proc.stderr and "realnvp" in proc.stderr and "maf" in proc.stderr
+    proc = run_cli("density2d", "train", "trainer.max_epoch=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "max_epoch" in proc.stderr
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    proc = run_cli("density2d", "train", "model=maf", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "core.presets.maf" in proc.stdout and "lightning.pytorch.Trainer" in proc.stdout
