@@ -21,7 +21,9 @@ def _shape(shape: int | Sequence[int]) -> tuple[int, ...]:
 
 def _check(z: Tensor, shape: tuple[int, ...], who: str) -> None:
     if tuple(z.shape[1:]) != shape:
-        raise ValueError(f"{who}: expected samples of shape (batch, {', '.join(map(str, shape))}), got {tuple(z.shape)}")
+        raise ValueError(
+            f"{who}: expected samples of shape (batch, {', '.join(map(str, shape))}), got {tuple(z.shape)}"
+        )
 
 
 def _batch_size(n: int | None, context: Tensor | None, who: str) -> int:

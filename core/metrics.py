@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 __all__ = ["nats_to_bits_per_dim", "bits_per_dim_to_nats", "discrete_bits_per_dim", "mean_and_stderr"]

@@ -123,8 +123,14 @@ def cnf(
     layers = [
         CNF(
             ConcatSquashMLP(features, tuple(hidden), context_features, act),
-            trace=trace, solver=solver, atol=atol, rtol=rtol, adjoint=adjoint, end_time=end_time,
-            kinetic_energy=kinetic_energy, jacobian_norm=jacobian_norm,
+            trace=trace,
+            solver=solver,
+            atol=atol,
+            rtol=rtol,
+            adjoint=adjoint,
+            end_time=end_time,
+            kinetic_energy=kinetic_energy,
+            jacobian_norm=jacobian_norm,
         )
         for _ in range(blocks)
     ]

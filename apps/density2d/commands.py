@@ -11,12 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from apps.density2d.data import DATASETS, Toy2DDataModule, true_log_prob
+from apps.density2d.plots import plot_density
 from core.metrics import mean_and_stderr, nats_to_bits_per_dim
 from core.training import fit, load_checkpoint
 from core.training.runner import write_json
-
-from apps.density2d.data import DATASETS, Toy2DDataModule, true_log_prob
-from apps.density2d.plots import plot_density
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +25,12 @@ def train(cfg: DictConfig) -> dict:
     result = fit(cfg)
     if result.trainer.is_global_zero:
         data = result.datamodule.splits["test"].numpy()
-        path = plot_density(result.module.eval_model.cpu(), data, result.output_dir / "density.png",
-                            title=f"{cfg.data.dataset} / {cfg.model._target_.rsplit('.', 1)[-1]}")
+        path = plot_density(
+            result.module.eval_model.cpu(),
+            data,
+            result.output_dir / "density.png",
+            title=f"{cfg.data.dataset} / {cfg.model._target_.rsplit('.', 1)[-1]}",
+        )
         log.info("density plot: %s", path)
     return result.metrics
 

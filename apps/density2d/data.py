@@ -166,8 +166,13 @@ class Toy2DDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = TensorDataset(self.splits[split])
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle and len(ds) > self.batch_size)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            drop_last=shuffle and len(ds) > self.batch_size,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from apps.density2d.plots import plot_density
 from core.training import FlowModule
 from core.training.media import log_image
-
-from apps.density2d.plots import plot_density
 
 
 class Density2DModule(FlowModule):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["Flow", "Sequential", "Inverse", "sum_except_batch"]

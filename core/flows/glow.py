@@ -61,7 +61,7 @@ class InvConv1x1(Flow):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lower, upper = self._factors()
         b, c = z.shape[:2]
-        y = (self.perm.T @ z.reshape(b, c, -1))  # P^-1 = P^T
+        y = self.perm.T @ z.reshape(b, c, -1)  # P^-1 = P^T
         y = torch.linalg.solve_triangular(lower, y, upper=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper, y, upper=True).reshape(z.shape)
         return x, (-self.log_s.sum() * z[0, 0].numel()).expand(z.shape[0])

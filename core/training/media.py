@@ -33,7 +33,9 @@ def log_audio(trainer: Any, key: str, path: str | Path, sample_rate: int) -> Non
     import wandb
 
     for lg in wandb_loggers(trainer):
-        lg.experiment.log({key: wandb.Audio(str(path), sample_rate=sample_rate), "trainer/global_step": trainer.global_step})
+        lg.experiment.log(
+            {key: wandb.Audio(str(path), sample_rate=sample_rate), "trainer/global_step": trainer.global_step}
+        )
 
 
 def log_point_cloud(trainer: Any, key: str, points: np.ndarray) -> None:

@@ -30,12 +30,19 @@ def test_unknown_command_names_the_choices():
 
 
 def test_worker_rank_argv_is_accepted(tmp_path, monkeypatch):
-    """Lightning re-launches `python -m apps.X <argv[1:]> hydra.run.dir="..." hydra.job.name=... hydra.output_subdir=null`:
-    the command is still first and hydra.run.dir may now appear twice."""
+    """Lightning re-launches `python -m apps.X <argv[1:]> hydra.run.dir="..." hydra.job.name=...
+    hydra.output_subdir=null`: the command is still first and hydra.run.dir may now appear twice."""
     run_dir = tmp_path / "worker"
-    argv = ["train", f"hydra.run.dir={tmp_path / 'user'}", "trainer.fast_dev_run=true", "logger=none",
-            "trainer.enable_progress_bar=false", f'hydra.run.dir="{run_dir}"', "hydra.job.name=train_ddp_process_1",
-            "hydra.output_subdir=null"]
+    argv = [
+        "train",
+        f"hydra.run.dir={tmp_path / 'user'}",
+        "trainer.fast_dev_run=true",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        f'hydra.run.dir="{run_dir}"',
+        "hydra.job.name=train_ddp_process_1",
+        "hydra.output_subdir=null",
+    ]
     monkeypatch.setattr(sys, "argv", ["apps/density2d/__main__.py", *argv])
     metrics = main("density2d", COMMANDS)
     assert sys.argv == ["apps/density2d/__main__.py", *argv], "sys.argv must be restored"

@@ -89,8 +89,20 @@ def test_kinetic_energy_of_constant_velocity_field():
         def forward(self, t, x, context=None):
             return self.v.expand_as(x)
 
-    cnf = CNF(Constant(), trace="exact", kinetic_energy=1.0, solver="rk4", step_size=0.1, end_time=2.0,
-              train_end_time=False, adjoint=False).double().train()
+    cnf = (
+        CNF(
+            Constant(),
+            trace="exact",
+            kinetic_energy=1.0,
+            solver="rk4",
+            step_size=0.1,
+            end_time=2.0,
+            train_end_time=False,
+            adjoint=False,
+        )
+        .double()
+        .train()
+    )
     x = torch.zeros(4, 2, dtype=torch.float64)
     z, logdet = cnf(x)
     torch.testing.assert_close(z, torch.tensor([[6.0, 8.0]] * 4, dtype=torch.float64))

@@ -44,7 +44,7 @@ def test_trained_density_integrates_to_one():
     model = build("realnvp", perturb=0.0).train()
     data = torch.from_numpy(sample_toy("moons", 4096, seed=1))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for step in range(300):
+    for _ in range(300):
         batch = data[torch.randint(0, len(data), (256,))]
         loss = -model.log_prob(batch).mean()
         opt.zero_grad()
@@ -88,8 +88,9 @@ def test_save_load_round_trip(name):
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     buf.seek(0)
-    fresh = getattr(presets, name)(2, **(dict(transforms=4, hidden=(32, 32)) if name != "cnf" else dict(
-        hidden=(32, 32), atol=1e-6, rtol=1e-6)))
+    fresh = getattr(presets, name)(
+        2, **(dict(transforms=4, hidden=(32, 32)) if name != "cnf" else dict(hidden=(32, 32), atol=1e-6, rtol=1e-6))
+    )
     fresh.load_state_dict(torch.load(buf))
     fresh.eval()
     x = torch.randn(16, 2)

@@ -67,7 +67,7 @@ def test_logdet_matches_autograd_jacobian(case: Case):
         fn = flow if direction == "forward" else flow.inverse
         inp = x if direction == "forward" else flow(x, c)[0].detach()
         _, logdet = fn(inp, c)
-        jac = torch.autograd.functional.jacobian(lambda t: fn(t, c)[0], inp).reshape(BATCH, d, BATCH, d)
+        jac = torch.autograd.functional.jacobian(lambda t, fn=fn: fn(t, c)[0], inp).reshape(BATCH, d, BATCH, d)
         for b in range(BATCH):
             sign, logabs = torch.linalg.slogdet(jac[b, :, b, :])
             assert sign != 0, f"{case.name} {direction}: singular Jacobian"

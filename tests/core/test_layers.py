@@ -101,7 +101,9 @@ def test_split_with_prior_is_conditional_gaussian():
     log_sigma = 3 * torch.tanh(raw / 3)
     z1, ld1 = model.transform.inner(x1)
     normal = torch.distributions.Normal
-    expected = normal(0, 1).log_prob(z1).sum((1, 2, 3)) + ld1 + normal(mean, log_sigma.exp()).log_prob(x2).sum((1, 2, 3))
+    expected = (
+        normal(0, 1).log_prob(z1).sum((1, 2, 3)) + ld1 + normal(mean, log_sigma.exp()).log_prob(x2).sum((1, 2, 3))
+    )
     torch.testing.assert_close(model.log_prob(x), expected, atol=1e-4, rtol=1e-5)
 
 

@@ -42,9 +42,19 @@ def test_fast_dev_run_every_model(tmp_path, model):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["logger=csv"], ["logger=wandb"], ["callbacks=early_stopping"], ["module.ema_decay=0.99"],
-     ["module.scheduler._target_=torch.optim.lr_scheduler.StepLR", "~module.scheduler.T_max",
-      "+module.scheduler.step_size=10", "module.scheduler_interval=step"], ["module.scheduler=null"]],
+    [
+        ["logger=csv"],
+        ["logger=wandb"],
+        ["callbacks=early_stopping"],
+        ["module.ema_decay=0.99"],
+        [
+            "module.scheduler._target_=torch.optim.lr_scheduler.StepLR",
+            "~module.scheduler.T_max",
+            "+module.scheduler.step_size=10",
+            "module.scheduler_interval=step",
+        ],
+        ["module.scheduler=null"],
+    ],
     ids=["csv", "wandb_offline", "early_stopping", "ema", "step_scheduler", "no_scheduler"],
 )
 def test_fast_dev_run_other_configs(tmp_path, overrides):
@@ -69,7 +79,9 @@ def test_resume_continues_the_step_count(tmp_path):
     assert steps == 4
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    second = fit(small_config("density2d", tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}", *shrink))
+    second = fit(
+        small_config("density2d", tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}", *shrink)
+    )
     assert second.trainer.global_step == 2 * steps
     assert second.trainer.current_epoch == 2
     # the resumed weights are the first run's, trained further: not a fresh start
@@ -106,9 +118,17 @@ def test_ddp_two_cpu_processes_through_the_cli(tmp_path):
     """A real 2-process gloo DDP run launched the way users launch it; worker ranks re-enter the CLI."""
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "density2d", "train", "trainer=ddp_cpu", "trainer.max_epochs=2", "logger=csv",
-        "data.n_train=2048", "data.n_val=512", "data.n_test=512", "module.sample_every_n_epochs=1",
-        f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
+        "density2d",
+        "train",
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=2",
+        "logger=csv",
+        "data.n_train=2048",
+        "data.n_val=512",
+        "data.n_test=512",
+        "module.sample_every_n_epochs=1",
+        f"hydra.run.dir={run_dir}",
+        "trainer.enable_progress_bar=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -128,7 +148,9 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def test_sample_command_from_checkpoint(trained_run, tmp_path):
-    proc = run_cli("density2d", "sample", f"ckpt={trained_run}", "n=300", "temperature=0.8", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(
+        "density2d", "sample", f"ckpt={trained_run}", "n=300", "temperature=0.8", f"hydra.run.dir={tmp_path}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     x = np.load(tmp_path / "samples.npy")
     assert x.shape == (300, 2) and np.isfinite(x).all()
@@ -136,7 +158,9 @@ def test_sample_command_from_checkpoint(trained_run, tmp_path):
 
 
 def test_evaluate_command_from_checkpoint(trained_run, tmp_path):
-    proc = run_cli("density2d", "evaluate", f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(
+        "density2d", "evaluate", f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["n"] == 5000 and m["gap_nats"] > -0.05
