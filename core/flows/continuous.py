@@ -64,19 +64,23 @@ def divergence_hutchinson(dx: Tensor, x: Tensor, noise: Tensor, create_graph: bo
 
 
 class _ODEFunc(nn.Module):
-    """The augmented ODE of a CNF: state (x, logdet, [kinetic, jacobian], context)."""
+    """The augmented ODE of a CNF: state (x, logdet, [kinetic, jacobian], noise, context).
+
+    The Hutchinson noise and the context ride in the state with zero derivative, so the adjoint pass
+    re-evaluates the dynamics with exactly the noise and context of its own solve (and gives the context a
+    gradient); an empty tensor stands for "none".
+    """
 
     def __init__(self, dynamics: nn.Module, trace: str) -> None:
         super().__init__()
         self.dynamics = dynamics
         self.trace = trace
-        self.noise: Tensor | None = None
         self.regularize = False
         self.num_evals = 0
 
     def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.num_evals += 1
-        x, context = state[0], state[-1]
+        x, noise, context = state[0], state[-2], state[-1]
         context = context if context.numel() else None
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -86,18 +90,18 @@ class _ODEFunc(nn.Module):
             dx = self.dynamics(t, x, context)
             e_jac = None
             if self.trace == "hutchinson":
-                div, e_jac = divergence_hutchinson(dx, x, self.noise, create_graph or self.regularize)
+                div, e_jac = divergence_hutchinson(dx, x, noise, create_graph or self.regularize)
             else:
                 pointwise = getattr(self.dynamics, "pointwise", False)
                 div = divergence_exact(dx, x, create_graph, pointwise)
             out = [dx, div]
             if self.regularize:
                 if e_jac is None:
-                    _, e_jac = divergence_hutchinson(dx, x, self.noise, True)
+                    _, e_jac = divergence_hutchinson(dx, x, noise, True)
                 out += [sum_except_batch(dx * dx), sum_except_batch(e_jac * e_jac)]
         if not create_graph:
             out = [o.detach() for o in out]
-        return (*out, torch.zeros_like(state[-1]))
+        return (*out, torch.zeros_like(state[-2]), torch.zeros_like(state[-1]))
 
 
 class CNF(Flow):
@@ -163,11 +167,10 @@ class CNF(Flow):
             raise RuntimeError("CNF needs autograd for its trace: use torch.no_grad(), not torch.inference_mode()")
         regularize = self.training and (self.kinetic_energy > 0 or self.jacobian_norm > 0) and not reverse
         self.func.regularize = regularize
-        if self.func.trace == "hutchinson" or regularize:
-            self.func.noise = hutchinson_noise(x, self.noise_kind)
+        noise = hutchinson_noise(x, self.noise_kind) if self.func.trace == "hutchinson" or regularize else x.new_zeros(0)
         zero = x.new_zeros(x.shape[0])
         ctx = context if context is not None else x.new_zeros(0)
-        state = (x, zero, zero, zero, ctx) if regularize else (x, zero, ctx)
+        state = (x, zero, zero, zero, noise, ctx) if regularize else (x, zero, noise, ctx)
         t_end = self.end_time.to(x)
         times = torch.stack([t_end, t_end.new_zeros(())]) if reverse else torch.stack([t_end.new_zeros(()), t_end])
         kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
@@ -182,7 +185,6 @@ class CNF(Flow):
             self.regularization = {"kinetic_energy": final[2], "jacobian_norm": final[3]}
         else:
             self.regularization = {}
-        self.func.noise = None
         return final[0], final[1]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
