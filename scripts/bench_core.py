@@ -58,7 +58,6 @@ FULL = QUICK + [
 
 def _build(case: Case, lib: str):
     """(log_prob(x), sample(n), parameters) callables for one library, or None if it has no equivalent."""
-    import torch
 
     if lib == "zuko":
         import zuko
@@ -224,8 +223,19 @@ def _print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=f"core flows (torch threads: {os.cpu_count()})")
-    for col in ("device", "flow", "size", "batch", "lib", "log_prob/s", "sample/s", "fwd+bwd ms", "peak MB",
-                "params", "zuko/ours fwd+bwd"):
+    for col in (
+        "device",
+        "flow",
+        "size",
+        "batch",
+        "lib",
+        "log_prob/s",
+        "sample/s",
+        "fwd+bwd ms",
+        "peak MB",
+        "params",
+        "zuko/ours fwd+bwd",
+    ):
         table.add_column(col, justify="right" if col not in ("device", "flow", "lib") else "left")
     ref = {(r["device"], r["flow"], r["size"], r["trace"]): r for r in rows if r["lib"] == "zuko"}
     for r in rows:
@@ -233,8 +243,17 @@ def _print_table(rows: list[dict]) -> None:
         ratio = f"{z['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if z and r["lib"] == "ours" else ""
         flow = r["flow"] + (f" ({r['trace']})" if r["trace"] else "")
         table.add_row(
-            r["device"], flow, r["size"], str(r["batch"]), r["lib"], f"{r['log_prob_per_s']:,.0f}",
-            f"{r['sample_per_s']:,.0f}", f"{r['fwd_bwd_ms']:.2f}", f"{r['peak_mb']:.1f}", f"{r['params']:,}", ratio,
+            r["device"],
+            flow,
+            r["size"],
+            str(r["batch"]),
+            r["lib"],
+            f"{r['log_prob_per_s']:,.0f}",
+            f"{r['sample_per_s']:,.0f}",
+            f"{r['fwd_bwd_ms']:.2f}",
+            f"{r['peak_mb']:.1f}",
+            f"{r['params']:,}",
+            ratio,
         )
     Console(width=160).print(table)
 

@@ -167,7 +167,8 @@ class CNF(Flow):
             raise RuntimeError("CNF needs autograd for its trace: use torch.no_grad(), not torch.inference_mode()")
         regularize = self.training and (self.kinetic_energy > 0 or self.jacobian_norm > 0) and not reverse
         self.func.regularize = regularize
-        noise = hutchinson_noise(x, self.noise_kind) if self.func.trace == "hutchinson" or regularize else x.new_zeros(0)
+        needs_noise = self.func.trace == "hutchinson" or regularize
+        noise = hutchinson_noise(x, self.noise_kind) if needs_noise else x.new_zeros(0)
         zero = x.new_zeros(x.shape[0])
         ctx = context if context is not None else x.new_zeros(0)
         state = (x, zero, zero, zero, noise, ctx) if regularize else (x, zero, noise, ctx)
