@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["CONF_DIR", "main", "compose", "dedupe_overrides"]
+__all__ = ["CONF_DIR", "main", "compose", "dedupe_overrides", "split_flags"]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SHARED_GROUPS = ("trainer", "logger", "callbacks")
@@ -39,6 +39,41 @@ def dedupe_overrides(args: Sequence[str]) -> list[str]:
         if key is not None:
             last[key] = i
     return [a for i, a in enumerate(args) if _override_key(a) is None or last[_override_key(a)] == i]
+
+
+# Hydra flags that take a value (``--info`` only optionally, from a fixed set)
+_VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
+_INFO_FLAGS = {"--info", "-i"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides): Hydra's parser wants all overrides in one block."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-"):
+            flags.append(a)
+            takes_value = a in _VALUE_FLAGS or (a in _INFO_FLAGS and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES)
+            if takes_value and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(a)
+        i += 1
+    return flags, overrides
 
 
 def _searchpath_override() -> str:
@@ -113,7 +148,8 @@ def main(
 
     task.__name__ = f"{app}_{command}"
     runner = hydra.main(config_path=str(CONF_DIR / app), config_name=command, version_base="1.3")(task)
-    sys.argv = [original_argv[0] if original_argv else app, _searchpath_override(), *rest]
+    flags, overrides = split_flags(rest)
+    sys.argv = [original_argv[0] if original_argv else app, *flags, _searchpath_override(), *overrides]
     try:
         runner()
     finally:

@@ -24,8 +24,9 @@ def wandb_loggers(trainer: Any) -> list[Any]:
 
 def log_image(trainer: Any, key: str, path: str | Path, caption: str | None = None) -> None:
     """Log a PNG/JPEG already written to ``path``."""
+    extra = {"caption": [caption]} if caption else {}
     for lg in wandb_loggers(trainer):
-        lg.log_image(key=key, images=[str(path)], caption=[caption] if caption else None, step=trainer.global_step)
+        lg.log_image(key=key, images=[str(path)], step=trainer.global_step, **extra)
 
 
 def log_audio(trainer: Any, key: str, path: str | Path, sample_rate: int) -> None:

@@ -8,13 +8,38 @@ import sys
 import pytest
 
 from apps.density2d.commands import COMMANDS
-from core.cli import dedupe_overrides, main
+from core.cli import dedupe_overrides, main, split_flags
 from tests.helpers import run_cli
 
 
 def test_dedupe_keeps_the_last_value_and_flags():
     args = ["a=1", "hydra.run.dir=x", "-m", "+b=2", 'hydra.run.dir="y"', "a=3"]
     assert dedupe_overrides(args) == ["-m", "+b=2", 'hydra.run.dir="y"', "a=3"]
+
+
+def test_flags_keep_their_values_and_overrides_stay_together():
+    args = ["model=maf", "-m", "a=1,2", "--cfg", "job", "--info", "defaults", "--resolve", "b=3"]
+    assert split_flags(args) == (
+        ["-m", "--cfg", "job", "--info", "defaults", "--resolve"],
+        ["model=maf", "a=1,2", "b=3"],
+    )
+    assert split_flags(["--info", "x=1"]) == (["--info"], ["x=1"])
+
+
+def test_multirun_runs_one_job_per_value(tmp_path):
+    proc = run_cli(
+        "density2d",
+        "train",
+        "-m",
+        "model=realnvp,maf",
+        "trainer.fast_dev_run=true",
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path}",
+        "trainer.enable_progress_bar=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
+    assert all((tmp_path / k / "metrics.json").is_file() for k in ("0", "1"))
 
 
 def test_help_lists_commands_groups_and_keys(capsys):

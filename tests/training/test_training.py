@@ -64,6 +64,25 @@ def test_fast_dev_run_other_configs(tmp_path, overrides):
     assert result.trainer.global_step == 1
 
 
+def test_wandb_offline_run_logs_metrics_and_media(tmp_path):
+    """fast_dev_run switches loggers off, so one short real run checks the default logger end to end."""
+    cfg = small_config(
+        "density2d",
+        tmp_path,
+        "logger=wandb",
+        "trainer.max_epochs=1",
+        "data.n_train=1024",
+        "data.n_val=256",
+        "data.n_test=256",
+        "module.sample_every_n_epochs=1",
+    )
+    fit(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "wandb must run offline into the run directory"
+    assert list(runs[0].glob("files/media/images/samples/density*.png")), "the density picture was not logged"
+    assert list(runs[0].glob("*.wandb"))
+
+
 @pytest.mark.parametrize("trainer", ["gpu", "ddp", "ddp_cpu"])
 def test_every_trainer_config_composes(tmp_path, trainer):
     cfg = small_config("density2d", tmp_path, f"trainer={trainer}")
