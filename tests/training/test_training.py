@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -99,14 +100,67 @@ def test_resume_continues_the_step_count(tmp_path):
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     second = fit(
-        small_config("density2d", tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}", *shrink)
+        small_config(
+            "density2d", tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}", *shrink, *COUNT
+        )
     )
-    assert second.trainer.global_step == 2 * steps
+    assert second.trainer.global_step == 2 * steps and steps_run(second) == steps
     assert second.trainer.current_epoch == 2
     # the resumed weights are the first run's, trained further: not a fresh start
     module, _ = load_checkpoint(last)
     p_first = next(module.model.parameters())
     assert not torch.equal(p_first, next(build_module(small_config("density2d", tmp_path)).model.parameters()))
+
+
+class InterruptAt(pl.Callback):
+    """Presses Ctrl-C before the given optimizer step (instantiated from the config like any callback)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class CountSteps(pl.Callback):
+    """Counts the optimizer steps this process actually ran."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += 1
+
+
+COUNT = ["+callbacks.count._target_=tests.training.test_training.CountSteps"]
+
+
+def steps_run(result) -> int:
+    return next(cb for cb in result.trainer.callbacks if isinstance(cb, CountSteps)).steps
+
+
+def test_interrupted_run_resumes_mid_epoch(tmp_path):
+    shrink = [
+        "data.n_train=2048",
+        "data.n_val=512",
+        "data.n_test=512",
+        "module.sample_every_n_epochs=0",
+        "callbacks.step_checkpoint.every_n_train_steps=3",
+    ]
+    interrupt = [
+        "+callbacks.interrupt._target_=tests.training.test_training.InterruptAt",
+        "+callbacks.interrupt.step=3",
+    ]
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        fit(small_config("density2d", tmp_path / "a", "trainer.max_epochs=2", *shrink, *interrupt))
+    for name in ("last.ckpt", "interrupted.ckpt"):
+        ckpt = torch.load(tmp_path / "a" / "checkpoints" / name, weights_only=False)
+        assert (ckpt["global_step"], ckpt["epoch"]) == (3, 0), name
+    second = fit(
+        small_config("density2d", tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}", *shrink)
+    )
+    assert second.trainer.global_step == 8, "2 epochs of 4 steps in all: the resumed run does the 5 left"
 
 
 def test_nan_guard_names_step_and_term_and_saves_last_good_state(tmp_path):
