@@ -92,6 +92,23 @@ def test_every_trainer_config_composes(tmp_path, trainer):
     assert cfg.trainer.inference_mode is False
 
 
+class CountSteps(pl.Callback):
+    """Counts the optimizer steps this process actually ran."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += 1
+
+
+COUNT = ["+callbacks.count._target_=tests.training.test_training.CountSteps"]
+
+
+def steps_run(result) -> int:
+    return next(cb for cb in result.trainer.callbacks if isinstance(cb, CountSteps)).steps
+
+
 def test_resume_continues_the_step_count(tmp_path):
     shrink = ["data.n_train=2048", "data.n_val=512", "data.n_test=512", "module.sample_every_n_epochs=0"]
     first = fit(small_config("density2d", tmp_path / "a", "trainer.max_epochs=1", *shrink))
@@ -123,23 +140,6 @@ class InterruptAt(pl.Callback):
             raise KeyboardInterrupt
 
 
-class CountSteps(pl.Callback):
-    """Counts the optimizer steps this process actually ran."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps += 1
-
-
-COUNT = ["+callbacks.count._target_=tests.training.test_training.CountSteps"]
-
-
-def steps_run(result) -> int:
-    return next(cb for cb in result.trainer.callbacks if isinstance(cb, CountSteps)).steps
-
-
 def test_interrupted_run_resumes_mid_epoch(tmp_path):
     shrink = [
         "data.n_train=2048",
@@ -158,9 +158,12 @@ def test_interrupted_run_resumes_mid_epoch(tmp_path):
         ckpt = torch.load(tmp_path / "a" / "checkpoints" / name, weights_only=False)
         assert (ckpt["global_step"], ckpt["epoch"]) == (3, 0), name
     second = fit(
-        small_config("density2d", tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}", *shrink)
+        small_config(
+            "density2d", tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}", *shrink, *COUNT
+        )
     )
-    assert second.trainer.global_step == 8, "2 epochs of 4 steps in all: the resumed run does the 5 left"
+    assert second.trainer.global_step == 8
+    assert steps_run(second) == 5, "2 epochs of 4 steps in all: the resumed run must do only the 5 left"
 
 
 def test_nan_guard_names_step_and_term_and_saves_last_good_state(tmp_path):
