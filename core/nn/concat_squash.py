@@ -34,7 +34,10 @@ class ConcatSquashMLP(nn.Module):
 
     ``x`` is (B, features) or (B, N, features) (N points sharing one context); ``context`` is
     (B, context_features) or None. The time ``t`` is appended to the context of every layer.
+    Points never interact (``pointwise``), so a CNF's exact trace needs only ``features`` backward passes.
     """
+
+    pointwise = True
 
     def __init__(
         self,

@@ -86,6 +86,10 @@ class FlowModule(pl.LightningModule):
             terms["cnf_reg"] = reg
         return terms
 
+    def extra_metrics(self, batch: Any, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Values logged beside the loss terms but not added to the loss (e.g. bits per point)."""
+        return {}
+
     def log_samples(self) -> None:
         """Called on rank zero after validation every ``sample_every_n_epochs``: write/log media here."""
 
@@ -113,6 +117,8 @@ class FlowModule(pl.LightningModule):
         for k, v in terms.items():
             self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/bpd", nats_to_bits_per_dim(terms["nll"].detach(), self.num_dims(x)), batch_size=bs)
+        for k, v in self.extra_metrics(batch, terms).items():
+            self.log(f"train/{k}", v, batch_size=bs)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -122,6 +128,8 @@ class FlowModule(pl.LightningModule):
         for k, v in terms.items():
             self.log(f"val/{k}", v, sync_dist=True, batch_size=bs, prog_bar=(k == "nll"))
         self.log("val/bpd", nats_to_bits_per_dim(terms["nll"], self.num_dims(x)), sync_dist=True, batch_size=bs)
+        for k, v in self.extra_metrics(batch, terms).items():
+            self.log(f"val/{k}", v, sync_dist=True, batch_size=bs)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         terms = self.loss_terms(batch, self.eval_model)
@@ -129,6 +137,8 @@ class FlowModule(pl.LightningModule):
         bs = x.shape[0]
         self.log("test/nll", terms["nll"], sync_dist=True, batch_size=bs)
         self.log("test/bpd", nats_to_bits_per_dim(terms["nll"], self.num_dims(x)), sync_dist=True, batch_size=bs)
+        for k, v in self.extra_metrics(batch, terms).items():
+            self.log(f"test/{k}", v, sync_dist=True, batch_size=bs)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
