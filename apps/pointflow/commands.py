@@ -127,15 +127,21 @@ def reconstruct(cfg: DictConfig) -> dict:
     for name, pts in zip(names, recon.numpy()):
         write_ply(out / "reconstructions" / f"{name}.ply", pts)
     k = min(8, len(x))
-    render_clouds(list(x_d[:k].numpy()) + list(recon[:k].numpy()), out / "reconstructions.png",
-                  [f"input {n}" for n in names[:k]] + [f"recon {n}" for n in names[:k]], ncols=k)
+    render_clouds(
+        list(x_d[:k].numpy()) + list(recon[:k].numpy()),
+        out / "reconstructions.png",
+        [f"input {n}" for n in names[:k]] + [f"recon {n}" for n in names[:k]],
+        ncols=k,
+    )
     result["per_shape_CD"] = {n: float(c) for n, c in zip(names, cd)}
     write_json(out / "metrics.json", result)
     _table(f"PointFlow reconstruction ({result['n']} shapes)", {k: v for k, v in result.items() if k != "per_shape_CD"})
     return result
 
 
-def _reference(cfg: DictConfig, ckpt_cfg: DictConfig | None, points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference(
+    cfg: DictConfig, ckpt_cfg: DictConfig | None, points: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference clouds (S, points, 3) and per-shape mean/std to de-normalise with (PointFlow's test.py protocol)."""
     if cfg.reference:
         ref = Path(cfg.reference)
@@ -189,8 +195,9 @@ def evaluate(cfg: DictConfig) -> dict:
         result["source"] = str(cfg.ckpt)
     device = _device(cfg)
     emd = cfg.emd if cfg.emd != "auto" else ("exact" if len(gen) * len(ref) * cfg.points <= 2e6 else "sinkhorn")
-    metrics = M.compute_all_metrics(gen.to(device), ref_d.to(device), batch_size=cfg.metric_batch_size, emd=emd,
-                                    progress=True)
+    metrics = M.compute_all_metrics(
+        gen.to(device), ref_d.to(device), batch_size=cfg.metric_batch_size, emd=emd, progress=True
+    )
     result.update({k: float(v) for k, v in metrics.items()}, emd_method=emd, n_samples=len(gen))
     out = Path(cfg.output_dir)
     write_json(out / "metrics.json", result)

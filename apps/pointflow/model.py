@@ -63,10 +63,10 @@ class PointNetEncoder(nn.Module):
         return mean, logvar
 
 
-def _cnf_stack(
-    features: int, hidden: Sequence[int], context: int, blocks: int, act: str, **cnf_kwargs
-) -> Sequential:
-    return Sequential([CNF(ConcatSquashMLP(features, tuple(hidden), context, act), **cnf_kwargs) for _ in range(blocks)])
+def _cnf_stack(features: int, hidden: Sequence[int], context: int, blocks: int, act: str, **cnf_kwargs) -> Sequential:
+    return Sequential(
+        [CNF(ConcatSquashMLP(features, tuple(hidden), context, act), **cnf_kwargs) for _ in range(blocks)]
+    )
 
 
 class PointFlowModel(nn.Module):
@@ -157,7 +157,9 @@ class PointFlowModel(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``n`` new shapes: latents from the prior CNF, then points. Returns (z (n, zdim), x (n, num_points, 3))."""
         if self.latent is None:
-            raise RuntimeError("this PointFlow was trained as an auto-encoder (use_latent_flow=false): it cannot sample")
+            raise RuntimeError(
+                "this PointFlow was trained as an auto-encoder (use_latent_flow=false): it cannot sample"
+            )
         z = self.latent.sample(n, temperature=latent_temperature)
         return z, self.decode(z, num_points, temperature)
 
@@ -170,5 +172,3 @@ class PointFlowModel(nn.Module):
         for m in self.modules():
             if isinstance(m, CNF):
                 m.trace = trace
-
-

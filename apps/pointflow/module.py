@@ -99,7 +99,9 @@ class PointFlowModule(FlowModule):
             log_point_cloud(self.trainer, "samples/point_cloud", gen[0].cpu().numpy())
             write_ply(self.output_dir / "media" / f"sample_epoch{self.current_epoch:03d}.ply", gen[0].cpu().numpy())
         if clouds:
-            path = render_clouds(clouds, self.output_dir / "media" / f"shapes_epoch{self.current_epoch:03d}.png", titles)
+            path = render_clouds(
+                clouds, self.output_dir / "media" / f"shapes_epoch{self.current_epoch:03d}.png", titles
+            )
             log_image(self.trainer, "samples/shapes", path)
 
 
