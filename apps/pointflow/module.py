@@ -9,12 +9,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from apps.pointflow.io import write_ply
+from apps.pointflow.plots import render_clouds
 from core.flows.continuous import regularization_loss
 from core.training import FlowModule
 from core.training.media import log_image, log_point_cloud
-
-from apps.pointflow.io import write_ply
-from apps.pointflow.plots import render_clouds
 
 __all__ = ["PointFlowModule"]
 
