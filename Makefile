@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m apps.density2d train
+	$(PY) -m apps.pointflow train
 
 test: install
 	$(PY) -m pytest -q
