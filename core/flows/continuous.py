@@ -184,7 +184,9 @@ class CNF(Flow):
             kwargs["options"] = dict(step_size=self.step_size)
         if self.adjoint and torch.is_grad_enabled():
             extra = dict(adjoint_options=dict(norm="seminorm")) if self.adjoint_seminorm and not self.step_size else {}
-            out = odeint_adjoint(self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs, **extra)
+            out = odeint_adjoint(
+                self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs, **extra
+            )
         else:
             out = odeint(self.func, state, times, **kwargs)
         final = [o[-1] for o in out]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def fit(cfg: DictConfig) -> FitResult:
     """Seed, build data, module and trainer, train (resuming from ``cfg.ckpt_path``), test, write metrics.json."""
     pl.seed_everything(cfg.get("seed", 0), workers=True)
+    _share_cpu_threads(cfg)
     output_dir = Path(cfg.output_dir)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
@@ -119,6 +121,15 @@ def fit(cfg: DictConfig) -> FitResult:
         write_json(output_dir / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     return FitResult(metrics, trainer, module, datamodule, output_dir)
+
+
+def _share_cpu_threads(cfg: DictConfig) -> None:
+    """Several CPU ranks on one machine: give each its share of the cores. Oversubscribed OpenMP threads spin
+    against each other and can make small ops tens of times slower."""
+    t = cfg.trainer
+    devices = t.get("devices", 1)
+    if t.get("accelerator") == "cpu" and isinstance(devices, int) and devices > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
 
 
 def _has_test_data(datamodule: pl.LightningDataModule) -> bool:
