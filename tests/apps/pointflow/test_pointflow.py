@@ -210,10 +210,13 @@ def test_ddp_two_cpu_processes(tree, tmp_path):
 
 @pytest.mark.slow
 def test_short_training_improves_1nna_on_modelnet_chairs(tmp_path):
-    """Minutes on 2 cores: 1-NNA-CD of samples against the held-out chairs, untrained vs a short run."""
+    """1-NNA-CD of samples against held-out chairs, untrained vs a short run (~20 min on 2 cores).
+
+    Measured with 3 epochs (213 steps): 0.975 -> 0.963, within the noise of 40 references, so the run is 12
+    epochs; PointFlow's shapes need on the order of a thousand steps to leave the Gaussian blob."""
     from apps.pointflow import metrics as M
 
-    common = ["data.tr_points=512", "data.te_points=512", "trainer.max_epochs=3", "module.sample_every_n_epochs=0"]
+    common = ["data.tr_points=512", "data.te_points=512", "trainer.max_epochs=12", "module.sample_every_n_epochs=0"]
     result = fit(small_config("pointflow", tmp_path, *common))
     dm = result.datamodule
     ref, mean, std = dm.test_set.reference_clouds("test", 512)
