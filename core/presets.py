@@ -29,7 +29,7 @@ from core.flows import (
 from core.flows.base import Flow
 from core.nn import MLP, ConcatSquashMLP, ConvNet
 
-__all__ = ["realnvp", "nice", "maf", "iaf", "glow_like", "cnf", "glow"]
+__all__ = ["realnvp", "nice", "maf", "iaf", "glow_like", "cnf", "cnf_stack", "glow"]
 
 
 def _coupling_stack(features: int, transforms: int, hidden: Sequence[int], context: int, affine: bool, **kw) -> list:
@@ -120,21 +120,21 @@ def cnf(
     jacobian_norm: float = 0.0,
 ) -> FlowModel:
     """FFJORD: ``blocks`` CNFs with ConcatSquash dynamics and learned end times."""
-    layers = [
-        CNF(
-            ConcatSquashMLP(features, tuple(hidden), context_features, act),
-            trace=trace,
-            solver=solver,
-            atol=atol,
-            rtol=rtol,
-            adjoint=adjoint,
-            end_time=end_time,
-            kinetic_energy=kinetic_energy,
-            jacobian_norm=jacobian_norm,
-        )
-        for _ in range(blocks)
-    ]
-    return FlowModel(Sequential(layers), StandardNormal(features))
+    layers = cnf_stack(
+        features, hidden, context_features, blocks, act, trace=trace, solver=solver, atol=atol, rtol=rtol,
+        adjoint=adjoint, end_time=end_time, kinetic_energy=kinetic_energy, jacobian_norm=jacobian_norm,
+    )  # fmt: skip
+    return FlowModel(layers, StandardNormal(features))
+
+
+def cnf_stack(
+    features: int, hidden: Sequence[int], context_features: int = 0, blocks: int = 1, act: str = "tanh", **cnf_kwargs
+) -> Sequential:
+    """``blocks`` CNFs with ConcatSquash dynamics ``features -> hidden -> features`` (context and time enter every
+    layer); ``cnf_kwargs`` go to :class:`core.flows.CNF` (trace, solver, tolerances, adjoint, end time, ...)."""
+    return Sequential(
+        [CNF(ConcatSquashMLP(features, tuple(hidden), context_features, act), **cnf_kwargs) for _ in range(blocks)]
+    )
 
 
 def glow(

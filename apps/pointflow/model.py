@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from core.distributions import FlowModel, StandardNormal
-from core.flows import CNF, Sequential
-from core.nn import ConcatSquashMLP
+from core.flows import CNF
+from core.presets import cnf_stack
 
 __all__ = ["PointNetEncoder", "PointFlowModel"]
 
@@ -61,12 +61,6 @@ class PointNetEncoder(nn.Module):
         mean = self.mean_head(h)
         logvar = torch.zeros_like(mean) if self.logvar_head is None else self.logvar_head(h)
         return mean, logvar
-
-
-def _cnf_stack(features: int, hidden: Sequence[int], context: int, blocks: int, act: str, **cnf_kwargs) -> Sequential:
-    return Sequential(
-        [CNF(ConcatSquashMLP(features, tuple(hidden), context, act), **cnf_kwargs) for _ in range(blocks)]
-    )
 
 
 class PointFlowModel(nn.Module):
@@ -111,10 +105,10 @@ class PointFlowModel(nn.Module):
             train_end_time=train_end_time, trace=trace, noise=noise,
         )  # fmt: skip
         self.encoder = PointNetEncoder(zdim, input_dim, deterministic_encoder)
-        self.point_flow = _cnf_stack(input_dim, point_hidden, zdim, point_blocks, act, **cnf)
+        self.point_flow = cnf_stack(input_dim, point_hidden, zdim, point_blocks, act, **cnf)
         self.point_base = StandardNormal(input_dim)  # one N(0, I) per point
         self.latent = (
-            FlowModel(_cnf_stack(zdim, latent_hidden, 0, latent_blocks, act, **cnf), StandardNormal(zdim))
+            FlowModel(cnf_stack(zdim, latent_hidden, 0, latent_blocks, act, **cnf), StandardNormal(zdim))
             if use_latent_flow
             else None
         )
