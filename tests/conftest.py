@@ -9,7 +9,8 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# FLOWSUITE_TEST_THREADS lets several test runs share a small machine without oversubscribing it
+torch.set_num_threads(int(os.environ.get("FLOWSUITE_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 @pytest.fixture(autouse=True)

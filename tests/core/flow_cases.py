@@ -1,6 +1,7 @@
 """The registry of every Flow the generic suite checks: one ``Case`` per layer configuration.
 
-Apps add their own layers here (or extend ``CASES``) so that every layer in the code base is covered.
+Apps register their layers in ``tests/apps/<app>/flow_cases.py`` as a list ``APP_CASES``; they are appended to
+``CASES`` at import so that every layer in the code base goes through the same generic suite.
 """
 
 from __future__ import annotations
@@ -143,3 +144,20 @@ class _Conv1d(nn.Module):
 
     def forward(self, x, context=None):
         return self.net(x)
+
+
+def _app_cases() -> list[Case]:
+    """``APP_CASES`` from every ``tests/apps/<app>/flow_cases.py``, names prefixed with the app."""
+    import importlib
+    from pathlib import Path
+
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "apps").glob("*/flow_cases.py")):
+        module = importlib.import_module(f"tests.apps.{path.parent.name}.flow_cases")
+        for case in module.APP_CASES:
+            case.name = f"{path.parent.name}/{case.name}"
+            found.append(case)
+    return found
+
+
+CASES += _app_cases()
