@@ -210,13 +210,16 @@ def test_ddp_two_cpu_processes(tree, tmp_path):
 
 @pytest.mark.slow
 def test_short_training_improves_1nna_on_modelnet_chairs(tmp_path):
-    """1-NNA-CD of samples against held-out chairs, untrained vs a short run (~20 min on 2 cores).
+    """1-NNA-CD of samples against held-out chairs, untrained vs a short run (~12 min on 1 core).
 
     Measured with 3 epochs (213 steps): 0.975 -> 0.963, within the noise of 40 references, so the run is 12
     epochs; PointFlow's shapes need on the order of a thousand steps to leave the Gaussian blob."""
     from apps.pointflow import metrics as M
 
-    common = ["data.tr_points=512", "data.te_points=512", "trainer.max_epochs=12", "module.sample_every_n_epochs=0"]
+    common = [
+        "data.tr_points=512", "data.te_points=512", "trainer.max_epochs=12", "module.sample_every_n_epochs=0",
+        "model.atol=1e-3", "model.rtol=1e-3",  # looser solves: ~3x fewer ODE evaluations per step on CPU
+    ]  # fmt: skip
     result = fit(small_config("pointflow", tmp_path, *common))
     dm = result.datamodule
     ref, mean, std = dm.test_set.reference_clouds("test", 512)
@@ -232,4 +235,5 @@ def test_short_training_improves_1nna_on_modelnet_chairs(tmp_path):
 
     untrained = one_nna(build_module(small_config("pointflow", tmp_path / "u", *common)).model)
     trained = one_nna(result.module.eval_model)
+    print(f"1-NNA-CD on 40 held-out chairs: untrained {untrained:.3f}, trained {trained:.3f}")
     assert trained < untrained - 0.05, f"1-NNA-CD {untrained:.3f} untrained -> {trained:.3f} trained"
