@@ -1,0 +1,351 @@
+"""GraphAF (Shi et al. 2020, arXiv:2001.09382): an autoregressive flow over kekulized molecular graphs.
+
+A molecule with atoms in BFS order is generated one atom at a time; after atom ``i`` come the edges to the atoms
+``j = max(0, i - W) .. i - 1`` (``W = max_edge_unroll``), each one of {single, double, triple, none}. Every step is a
+flow on a dequantized one-hot, conditioned on an R-GCN embedding of the partial graph built so far:
+
+* node step ``i``: ``z = f_node(onehot(type_i) + u ; h(G_<i))`` with ``h`` the sum of the node embeddings;
+* edge step ``(i, j)``: ``z = f_edge(onehot(bond_ij) + u ; [h(G), H_i, H_j])`` on the graph with atom ``i`` and
+  the edges of ``i`` generated before ``j``.
+
+Training is teacher forced and parallel: all steps of a batch go through the R-GCN at once as masked subgraphs of
+the full molecules (:meth:`GraphAF.log_likelihood`). Sampling is sequential and batched over molecules
+(:meth:`GraphAF.generate`); with the valency check, a bond that would exceed an atom's valence is resampled.
+
+Stopping: the generator stops when an atom gets no bond to the atoms before it. To learn that, every molecule with
+fewer than ``max_atoms`` atoms is followed in training by one "stop" atom whose edges are all "no bond"; its type is
+drawn uniformly from the vocabulary (so the stop is learned whatever type the sampler draws) and its node step is
+not part of the likelihood. The likelihood of a molecule is therefore the probability of its atoms and bonds and of
+the stop, with the stop atom's type marginalised under a uniform distribution instead of the model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apps.graphaf.chem import BOND_ORDER, NUM_BOND_TYPES, AtomVocab, MolGraph
+from apps.graphaf.flows import ConditionalAffine
+from core.distributions import FlowModel, StandardNormal
+from core.flows import Sequential, UniformDequantization
+
+__all__ = ["RGCN", "GraphAF", "StepPlan", "Latents"]
+
+NO_BOND = NUM_BOND_TYPES  # edge category index of "no bond"
+EDGE_CATEGORIES = NUM_BOND_TYPES + 1
+
+
+class RGCN(nn.Module):
+    """Relational GCN (Schlichtkrull et al. 2018) on dense padded graphs, no compiled extension needed.
+
+    ``H' = act(H W_0 + sum_r A_r H W_r + b)`` with one relation per bond type and sum aggregation; invisible nodes
+    (type -1) have zero features and no edges. Returns node embeddings (G, L, d) and their sum (G, d).
+    """
+
+    def __init__(self, num_types: int, num_relations: int = NUM_BOND_TYPES, hidden: int = 128, layers: int = 3) -> None:
+        super().__init__()
+        self.num_types, self.num_relations, self.hidden = num_types, num_relations, hidden
+        self.embed = nn.Embedding(num_types + 1, hidden, padding_idx=num_types)
+        self.layers = nn.ModuleList([nn.Linear(hidden, (num_relations + 1) * hidden) for _ in range(layers)])
+
+    def relation_adjacency(self, adj: Tensor, dtype: torch.dtype) -> Tensor:
+        """(G, L, L) bond indices (``num_relations`` = none) -> (G, L, R * L) stacked relation adjacencies."""
+        g, n, _ = adj.shape
+        rel = torch.arange(self.num_relations, device=adj.device, dtype=adj.dtype)
+        a = adj.unsqueeze(2) == rel.view(1, 1, -1, 1)  # (G, L, R, L)
+        return a.reshape(g, n, self.num_relations * n).to(dtype)
+
+    def forward(self, types: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
+        # types (G, L) long, -1 = not in the graph; adj (G, L, L) with values 0..R-1 bonds, R = no bond
+        g, n = types.shape
+        r, d = self.num_relations, self.hidden
+        mask = (types >= 0).unsqueeze(-1)  # (G, L, 1)
+        h = self.embed(torch.where(types >= 0, types, self.num_types))
+        a = self.relation_adjacency(adj, h.dtype)  # (G, L, R*L)
+        for k, lin in enumerate(self.layers):
+            hw = lin(h)  # (G, L, (R+1) d)
+            rel = hw[..., d:].reshape(g, n, r, d).transpose(1, 2).reshape(g, r * n, d)
+            h = hw[..., :d] + torch.bmm(a, rel)
+            if k < len(self.layers) - 1:
+                h = F.relu(h)
+            h = h * mask
+        return h, h.sum(1)
+
+
+@dataclass
+class StepPlan:
+    """The teacher-forcing steps of graphs of width L: one per edge step (i, j), shared by every molecule.
+
+    ``node_vis`` (S, L): atoms present at edge step s (0..i); ``edge_vis`` (S, L, L): edges present (all among atoms
+    < i, plus the edges (i, j') generated before j); ``first`` (L-1,): the first edge step of atom i = 1..L-1, whose
+    graph is the node-step graph of atom i plus atom i alone (an isolated atom changes no other embedding).
+    """
+
+    ei: Tensor
+    ej: Tensor
+    node_vis: Tensor
+    edge_vis: Tensor
+    first: Tensor
+
+    @classmethod
+    def build(cls, width: int, window: int, device: torch.device) -> StepPlan:
+        ei, ej, first = [], [], []
+        for i in range(1, width):
+            first.append(len(ei))
+            for j in range(max(0, i - window), i):
+                ei.append(i)
+                ej.append(j)
+        ei_t, ej_t = torch.tensor(ei, dtype=torch.long), torch.tensor(ej, dtype=torch.long)
+        pos = torch.arange(width)
+        node_vis = pos.view(1, -1) <= ei_t.view(-1, 1)  # (S, L)
+        prefix = (pos.view(1, -1, 1) < ei_t.view(-1, 1, 1)) & (pos.view(1, 1, -1) < ei_t.view(-1, 1, 1))
+        row = pos.view(1, -1, 1) == ei_t.view(-1, 1, 1)  # u == i
+        col = (pos.view(1, 1, -1) < ej_t.view(-1, 1, 1)) & (pos.view(1, 1, -1) >= (ei_t - window).view(-1, 1, 1))
+        partial = row & col  # (i, j') with j' in the window, before j
+        edge_vis = prefix | partial | partial.transpose(1, 2)
+        return cls(
+            ei_t.to(device), ej_t.to(device), node_vis.to(device), edge_vis.to(device), torch.tensor(first).to(device)
+        )
+
+
+@dataclass
+class Latents:
+    """Per-step latents: ``node`` (B, L, K) and ``edge`` (B, L, W, 4) with slot ``i - j - 1`` for edge (i, j)."""
+
+    node: Tensor
+    edge: Tensor
+
+
+class GraphAF(nn.Module):
+    """GraphAF: an R-GCN, a node flow and an edge flow (stacks of :class:`ConditionalAffine` on dequantized one-hots).
+
+    Arguments:
+        atoms: atom vocabulary tokens (``C``, ``N+``, ...); ``valence`` overrides their maximum valences.
+        max_atoms: the largest molecule (sampling stops there).
+        max_edge_unroll: the edge window W (bonds only to the W atoms before, in BFS order).
+        hidden: R-GCN embedding size; ``rgcn_layers`` its depth.
+        flow_layers: conditional affine layers per flow; ``st_hidden`` their conditioner MLP sizes.
+    """
+
+    def __init__(
+        self,
+        atoms: Sequence[str],
+        max_atoms: int,
+        valence: dict[str, int] | None = None,
+        max_edge_unroll: int = 12,
+        hidden: int = 128,
+        rgcn_layers: int = 3,
+        flow_layers: int = 12,
+        st_hidden: Sequence[int] = (128,),
+    ) -> None:
+        super().__init__()
+        self.vocab = AtomVocab.from_tokens(list(atoms), dict(valence) if valence else None)
+        self.max_atoms, self.window = int(max_atoms), int(max_edge_unroll)
+        k = len(self.vocab)
+        self.rgcn = RGCN(k, NUM_BOND_TYPES, hidden, rgcn_layers)
+        self.node_flow = FlowModel(
+            Sequential([ConditionalAffine(k, hidden, st_hidden) for _ in range(flow_layers)]), StandardNormal(k)
+        )
+        self.edge_flow = FlowModel(
+            Sequential([ConditionalAffine(EDGE_CATEGORIES, 3 * hidden, st_hidden) for _ in range(flow_layers)]),
+            StandardNormal(EDGE_CATEGORIES),
+        )
+        self.dequantize = UniformDequantization(levels=2)  # one-hot + U[0,1)^D, scaled into [0, 1)
+        self.register_buffer("max_valence", torch.tensor(self.vocab.max_valence, dtype=torch.long))
+        self.register_buffer("bond_order", torch.tensor(list(BOND_ORDER) + [0], dtype=torch.long))
+        self._plans: dict[tuple[int, str], StepPlan] = {}
+
+    @property
+    def num_types(self) -> int:
+        return len(self.vocab)
+
+    def plan(self, width: int) -> StepPlan:
+        device = self.max_valence.device
+        key = (width, str(device))
+        if key not in self._plans:
+            self._plans[key] = StepPlan.build(width, self.window, device)
+        return self._plans[key]
+
+    # ---- density (teacher forcing) ----------------------------------------------------------------------------
+    def _contexts(self, x: Tensor, adj: Tensor) -> tuple[Tensor, Tensor, StepPlan]:
+        """Node contexts (B, L, d) and edge contexts (B, S, 3d) of every step, in one batched R-GCN pass."""
+        b, width = x.shape
+        plan = self.plan(width)
+        s, d = len(plan.ei), self.rgcn.hidden
+        node_ctx = x.new_zeros((b, width, d), dtype=self.max_valence.new_zeros(()).float().dtype)
+        node_ctx = node_ctx.to(self.rgcn.embed.weight.dtype)
+        if s == 0:  # single-atom graphs only: the first atom is conditioned on the empty graph
+            return node_ctx, node_ctx.new_zeros(b, 0, 3 * d), plan
+        types = torch.where(plan.node_vis.unsqueeze(0), x.unsqueeze(1), -1)  # (B, S, L)
+        edges = torch.where(plan.edge_vis.unsqueeze(0), adj.unsqueeze(1), NO_BOND)  # (B, S, L, L)
+        h, hg = self.rgcn(types.reshape(b * s, width), edges.reshape(b * s, width, width))
+        h, hg = h.view(b, s, width, d), hg.view(b, s, d)
+        steps = torch.arange(s, device=x.device)
+        edge_ctx = torch.cat([hg, h[:, steps, plan.ei], h[:, steps, plan.ej]], dim=-1)  # (B, S, 3d)
+        atoms = torch.arange(1, width, device=x.device)
+        node_ctx = torch.cat([node_ctx[:, :1], hg[:, plan.first] - h[:, plan.first, atoms]], dim=1)
+        return node_ctx, edge_ctx, plan
+
+    def _fit_width(self, x: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[1] > self.max_atoms:
+            if (x[:, self.max_atoms :] >= 0).any():
+                raise ValueError(f"GraphAF: a molecule has more than max_atoms={self.max_atoms} atoms")
+            x, adj = x[:, : self.max_atoms], adj[:, : self.max_atoms, : self.max_atoms]
+        return x, adj
+
+    def _masks(self, plan: StepPlan, width: int, num_atoms: Tensor) -> tuple[Tensor, Tensor]:
+        pos = torch.arange(width, device=num_atoms.device)
+        node_mask = pos.unsqueeze(0) < num_atoms.unsqueeze(1)  # (B, L)
+        n = num_atoms.unsqueeze(1)
+        edge_mask = (plan.ei.unsqueeze(0) < n) | ((plan.ei.unsqueeze(0) == n) & (n < self.max_atoms))  # (B, S)
+        return node_mask, edge_mask
+
+    def _step_log_prob(
+        self, flow: FlowModel, cats: Tensor, ctx: Tensor, k: int, center: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """log p of dequantized one-hots (N,) and the latents (N, k). The noise is uniform (a stochastic lower bound on
+        the discrete log-likelihood, in training and validation alike), or 0.5 with ``center`` (for encoding)."""
+        was = self.dequantize.training
+        self.dequantize.train(not center)
+        try:
+            y, ld = self.dequantize(F.one_hot(cats, k).to(ctx.dtype))
+        finally:
+            self.dequantize.train(was)
+        z, logdet = flow.transform(y, ctx)
+        return flow.base.log_prob(z) + logdet + ld, z
+
+    def log_likelihood(self, x: Tensor, adj: Tensor, num_atoms: Tensor, center: bool = False) -> dict[str, Tensor]:
+        """Per-molecule log-likelihoods (lower bounds through dequantization) in nats.
+
+        x (B, L) atom types (-1 padding; the stop atom at index n), adj (B, L, L) bond categories (3 = none),
+        num_atoms (B,); ``center``: dequantization noise 0.5 instead of uniform (deterministic).
+        Returns ``node`` (B,), ``edge`` (B,), and ``steps`` (B,) the number of flow steps.
+        """
+        x, adj = self._fit_width(x, adj)
+        b, width = x.shape
+        node_ctx, edge_ctx, plan = self._contexts(x, adj)
+        node_mask, edge_mask = self._masks(plan, width, num_atoms)
+        node_ll = node_ctx.new_zeros(b, width)
+        lp, _ = self._step_log_prob(self.node_flow, x[node_mask], node_ctx[node_mask], self.num_types, center)
+        node_ll = node_ll.masked_scatter(node_mask, lp)
+        edge_ll = node_ctx.new_zeros(b, len(plan.ei))
+        if len(plan.ei):
+            cats = adj[:, plan.ei, plan.ej].long()  # (B, S)
+            lp, _ = self._step_log_prob(self.edge_flow, cats[edge_mask], edge_ctx[edge_mask], EDGE_CATEGORIES, center)
+            edge_ll = edge_ll.masked_scatter(edge_mask, lp)
+        return {
+            "node": node_ll.sum(1),
+            "edge": edge_ll.sum(1),
+            "steps": (node_mask.sum(1) + edge_mask.sum(1)).to(node_ll.dtype),
+        }
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, adj: Tensor, num_atoms: Tensor) -> Latents:
+        """The latents of every step (dequantization noise 0.5, the cell centre), laid out as :class:`Latents`."""
+        x, adj = self._fit_width(x, adj)
+        b, width = x.shape
+        node_ctx, edge_ctx, plan = self._contexts(x, adj)
+        k = self.num_types
+        node = node_ctx.new_zeros(b, self.max_atoms, k)
+        valid = x >= 0
+        _, z = self._step_log_prob(self.node_flow, x[valid], node_ctx[valid], k, center=True)
+        node[:, :width] = node[:, :width].masked_scatter(valid.unsqueeze(-1), z)
+        edge = node_ctx.new_zeros(b, self.max_atoms, self.window, EDGE_CATEGORIES)
+        if len(plan.ei):
+            cats = adj[:, plan.ei, plan.ej].long().reshape(-1)
+            _, z = self._step_log_prob(
+                self.edge_flow, cats, edge_ctx.reshape(-1, edge_ctx.shape[-1]), EDGE_CATEGORIES, center=True
+            )
+            edge[:, plan.ei, plan.ei - plan.ej - 1] = z.view(b, -1, EDGE_CATEGORIES)
+        return Latents(node, edge)
+
+    # ---- sampling -----------------------------------------------------------------------------------------------
+    def _decode(self, flow: FlowModel, z: Tensor, ctx: Tensor) -> Tensor:
+        return flow.transform.inverse(z, ctx)[0].argmax(-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        n: int,
+        temperature: float = 0.75,
+        valency_check: bool = True,
+        max_resample: int = 50,
+        latents: Latents | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[MolGraph]:
+        """``n`` molecular graphs, generated together (node, then its edges; stop when a new atom has no bond).
+
+        With ``valency_check`` a bond that would exceed an atom's valence is resampled (fresh noise) up to
+        ``max_resample`` times and then set to "no bond". ``latents`` (from :meth:`encode`) replace the noise: the
+        inverse of the flow, used for reconstruction.
+        """
+        dev, m, w, k = self.max_valence.device, self.max_atoms, self.window, self.num_types
+        dtype = self.rgcn.embed.weight.dtype
+        if latents is not None:
+            n = latents.node.shape[0]
+        x = torch.full((n, m), -1, dtype=torch.long, device=dev)
+        adj = torch.full((n, m, m), NO_BOND, dtype=torch.long, device=dev)
+        valence = torch.zeros(n, m, dtype=torch.long, device=dev)
+        num_atoms = torch.full((n,), m, dtype=torch.long, device=dev)
+        active = torch.arange(n, device=dev)
+
+        def noise(rows: Tensor, dim: int) -> Tensor:
+            return temperature * torch.randn(len(rows), dim, device=dev, dtype=dtype, generator=generator)
+
+        for i in range(m):
+            if i == 0:
+                ctx = torch.zeros(len(active), self.rgcn.hidden, device=dev, dtype=dtype)
+            else:
+                _, ctx = self.rgcn(x[active, :i], adj[active, :i, :i])
+            z = latents.node[active, i] if latents is not None else noise(active, k)
+            x[active, i] = self._decode(self.node_flow, z, ctx)
+            if i == 0:
+                continue
+            bonded = torch.zeros(len(active), dtype=torch.bool, device=dev)
+            ti = x[active, i]
+            for j in range(max(0, i - w), i):
+                h, hg = self.rgcn(x[active, : i + 1], adj[active, : i + 1, : i + 1])
+                ctx = torch.cat([hg, h[:, i], h[:, j]], dim=-1)
+                z = latents.edge[active, i, i - j - 1] if latents is not None else noise(active, EDGE_CATEGORIES)
+                e = self._decode(self.edge_flow, z, ctx)
+                if valency_check:  # free valence left on both atoms (N,)
+                    cap = torch.minimum(
+                        self.max_valence[ti] - valence[active, i], self.max_valence[x[active, j]] - valence[active, j]
+                    )
+                    ok = self.bond_order[e] <= cap
+                    for _ in range(max_resample):
+                        bad = (~ok).nonzero().squeeze(1)
+                        if len(bad) == 0:
+                            break
+                        e[bad] = self._decode(self.edge_flow, noise(bad, EDGE_CATEGORIES), ctx[bad])
+                        ok[bad] = self.bond_order[e[bad]] <= cap[bad]
+                    e = torch.where(ok, e, NO_BOND)
+                adj[active, i, j] = e
+                adj[active, j, i] = e
+                o = self.bond_order[e]
+                valence[active, i] += o
+                valence[active, j] += o
+                bonded |= e != NO_BOND
+            done = active[~bonded]
+            x[done, i] = -1
+            num_atoms[done] = i
+            active = active[bonded]
+            if len(active) == 0:
+                break
+        return _to_graphs(x.cpu().numpy(), adj.cpu().numpy(), num_atoms.cpu().numpy())
+
+
+def _to_graphs(x: np.ndarray, adj: np.ndarray, num_atoms: np.ndarray) -> list[MolGraph]:
+    out = []
+    for b in range(len(x)):
+        n = int(num_atoms[b])
+        a = adj[b, :n, :n]
+        u, v = np.nonzero(np.triu(a != NO_BOND, 1))
+        bonds = np.stack([u, v, a[u, v]], axis=1).astype(np.int64) if len(u) else np.zeros((0, 3), dtype=np.int64)
+        out.append(MolGraph(x[b, :n].astype(np.int64), bonds))
+    return out

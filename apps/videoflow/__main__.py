@@ -1,0 +1,4 @@
+from apps.videoflow.commands import COMMANDS, DESCRIPTIONS
+from core.cli import main
+
+main("videoflow", COMMANDS, DESCRIPTIONS)

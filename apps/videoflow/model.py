@@ -1,0 +1,372 @@
+"""VideoFlow (Kumar et al. 2020): a per-frame multi-scale Glow and an autoregressive latent dynamics prior.
+
+Every frame x_t is mapped by the same invertible multi-scale Glow to latents ``z_t = (z_t^0, ..., z_t^{L-1})``
+(level 0 the finest, L-1 the top). The prior factorises over time and, within a time step, from the top level
+down::
+
+    p(z_t^l | z_<t, z_t^{>l}) = N(mu, sigma),   (mu - z_{t-1}^l, log sigma) = NN(z_{t-K..t-1}^l, z_t^{>l})
+
+with NN a residual convolutional network whose first layer is a 3-D convolution over the K previous latents of the
+level (``latent_skip``: the mean is the previous latent plus the network's output). The whole map
+video -> standardised noise is one :class:`Flow` (:class:`VideoFlowTransform`): the Jacobian is block triangular
+in (time, level), so the log-det is the Glow log-dets plus ``-sum log sigma``. Density (``forward``) is one
+parallel pass over all frames; sampling (``inverse``) is sequential in time, top level first.
+
+References:
+    Kumar et al., VideoFlow: A Conditional Flow-Based Model for Stochastic Video Generation (ICLR 2020),
+    arXiv:1903.01434.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.flows import Squeeze, UniformDequantization
+from core.flows.base import Flow, sum_except_batch
+from core.nn import ConvNet
+from core.presets import glow
+
+__all__ = ["FrameGlow", "TemporalGaussian", "VideoFlowTransform", "VideoFlowModel", "to_nbit", "from_nbit"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def to_nbit(x: Tensor, bits: int) -> Tensor:
+    """uint8 values 0..255 -> integers 0..2^bits-1 (dropping the low bits, as Glow's n_bits_x)."""
+    return torch.div(x.to(torch.int32), 2 ** (8 - bits), rounding_mode="floor")
+
+
+def from_nbit(x: Tensor, bits: int) -> Tensor:
+    """Integers 0..2^bits-1 -> uint8, each value at the centre of its 8-bit bin."""
+    step = 2 ** (8 - bits)
+    return (x.to(torch.int32) * step + step // 2).clamp(0, 255).to(torch.uint8)
+
+
+class FrameGlow(Flow):
+    """Per-frame multi-scale Glow, (B, C, H, W) -> z of the same shape, with access to every level's latent.
+
+    The transform is :func:`core.presets.glow` without Glow's learned split priors (VideoFlow puts its own
+    conditional prior on every level), so the latent of level l leaves the flow unchanged at its split and can be
+    read back with :meth:`split_levels`: after l+1 squeezes of z, the second half of the channels is z^l and the
+    first half holds the coarser levels ("h^l", what z^l is conditioned on within the frame).
+    """
+
+    def __init__(self, channels: int, size: int, levels: int = 3, steps: int = 8, hidden: int = 128, blocks: int = 1):
+        super().__init__()
+        self.flow = glow((channels, size, size), levels, steps, hidden, blocks, learned_prior=False).transform
+        self.num_levels = levels
+        self.squeeze = Squeeze()
+        shapes, cond, c, s = [], [], channels, size
+        for level in range(levels):
+            c, s = c * 4, s // 2
+            if level == levels - 1:
+                shapes.append((c, s, s))
+                cond.append(0)
+            else:
+                keep = c - c // 2
+                shapes.append((c // 2, s, s))
+                cond.append(keep)
+                c = keep
+        self.level_shapes: list[tuple[int, int, int]] = shapes  # z^l: (C_l, H_l, W_l)
+        self.cond_channels: list[int] = cond  # channels of h^l (0 for the top level)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow(x, context)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow.inverse(z, context)
+
+    def split_levels(self, z: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
+        """z (B, C, H, W) -> ([z^0, ..., z^{L-1}], [h^0, ..., h^{L-2}, None]); a permutation, no copies of values."""
+        zs, hs, h = [], [], z
+        for level in range(self.num_levels):
+            s = self.squeeze(h)[0]
+            if level == self.num_levels - 1:
+                zs.append(s)
+                hs.append(None)
+            else:
+                c1 = s.shape[1] - s.shape[1] // 2
+                h = s[:, :c1]
+                zs.append(s[:, c1:])
+                hs.append(h)
+        return zs, hs
+
+    def unsqueeze(self, s: Tensor) -> Tensor:
+        return self.squeeze.inverse(s)[0]
+
+    def merge_levels(self, zs: list[Tensor]) -> Tensor:
+        """Inverse of :meth:`split_levels`: the level latents -> z (B, C, H, W)."""
+        h = self.unsqueeze(zs[-1])
+        for level in range(self.num_levels - 2, -1, -1):
+            h = self.unsqueeze(torch.cat([h, zs[level]], dim=1))
+        return h
+
+
+class TemporalGaussian(Flow):
+    """The latent dynamics prior of one level as a flow on latent sequences (B, T, C, H, W).
+
+    ``forward`` standardises ``eps_t = (z_t - mu_t) / sigma_t`` with ``(mu_t, sigma_t)`` computed from
+    ``z_{t-K..t-1}`` and the context at t (the coarser levels of the same step, (B, T, Cc, H, W)), for all t in
+    one pass; ``inverse`` runs over t. Frames before the first one are zeros with a "present" indicator channel
+    of 0, so the first K steps have their own (learned) distribution.
+
+    Network: a 3-D convolution (K x 3 x 3) over the K previous latents (+ indicator), ReLU, then
+    :class:`core.nn.ConvNet` (3x3 conv on the features with the context concatenated, residual blocks,
+    zero-initialised 3x3 output conv) per time step. ``latent_skip``: ``mu = z_{t-1} + f``.
+    ``log sigma = bound * tanh(raw / bound)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        context_channels: int = 0,
+        num_cond: int = 3,
+        hidden: int = 64,
+        blocks: int = 2,
+        latent_skip: bool = True,
+        scale_bound: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if num_cond < 1:
+            raise ValueError(f"TemporalGaussian: num_cond must be >= 1, got {num_cond}")
+        self.channels, self.context_channels, self.num_cond = channels, context_channels, num_cond
+        self.latent_skip, self.scale_bound = latent_skip, scale_bound
+        self.temporal = nn.Conv3d(channels + 1, hidden, (num_cond, 3, 3), padding=(0, 1, 1))
+        self.net = ConvNet(hidden, 2 * channels, hidden, blocks, context_channels)
+
+    def _history(self, z: Tensor) -> Tensor:
+        """(B, T, C, H, W) -> (B, C+1, T+K-1, H, W): K zero frames (indicator 0) in front, the last frame dropped,
+        so that a valid K-frame convolution at output t sees exactly z_{t-K..t-1}."""
+        b, t, c, h, w = z.shape
+        ind = z.new_ones(b, t, 1, h, w)
+        seq = torch.cat([z, ind], dim=2).transpose(1, 2)  # (B, C+1, T, H, W)
+        return F.pad(seq, (0, 0, 0, 0, self.num_cond, 0))[:, :, : t + self.num_cond - 1]
+
+    def params(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Means and log-scales (B, T, C, H, W) of p(z_t | z_<t, context_t) for every t, in one pass (causal)."""
+        b, t = z.shape[:2]
+        feats = F.relu(self.temporal(self._history(z)))  # (B, hidden, T, H, W)
+        feats = feats.transpose(1, 2).reshape(b * t, -1, *z.shape[3:])
+        ctx = None if context is None else context.reshape(b * t, *context.shape[2:])
+        if self.context_channels and ctx is None:
+            raise ValueError(f"TemporalGaussian was built with context_channels={self.context_channels} but got none")
+        mean, raw = self.net(feats, ctx).reshape(b, t, 2 * self.channels, *z.shape[3:]).chunk(2, dim=2)
+        if self.latent_skip:
+            prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)
+            mean = mean + prev
+        return mean, self.scale_bound * torch.tanh(raw / self.scale_bound)
+
+    def step(self, history: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mean and log-scale (B, C, H, W) of the next latent given ``history`` (B, k, C, H, W) of the k >= 0 latents
+        so far (only the last K are read) and the context of the next step (B, Cc, H, W). Equals :meth:`params`
+        at that step (tested), at the cost of one frame instead of T."""
+        b, n, _, h, w = history.shape
+        k = min(n, self.num_cond)
+        window = history[:, n - k :]
+        seq = torch.cat([window, window.new_ones(b, k, 1, h, w)], dim=2).transpose(1, 2)  # (B, C+1, k, H, W)
+        seq = F.pad(seq, (0, 0, 0, 0, self.num_cond - k, 0))  # (B, C+1, K, H, W)
+        feats = F.relu(self.temporal(seq))[:, :, 0]  # (B, hidden, H, W)
+        if self.context_channels and context is None:
+            raise ValueError(f"TemporalGaussian was built with context_channels={self.context_channels} but got none")
+        mean, raw = self.net(feats, context).chunk(2, dim=1)
+        if self.latent_skip and k > 0:
+            mean = mean + window[:, -1]
+        return mean, self.scale_bound * torch.tanh(raw / self.scale_bound)
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mean, log_sigma = self.params(z, context)
+        return (z - mean) * torch.exp(-log_sigma), -sum_except_batch(log_sigma)
+
+    def inverse(self, eps: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        zs: list[Tensor] = []
+        logdet = eps.new_zeros(eps.shape[0])
+        for t in range(eps.shape[1]):
+            history = torch.stack(zs[-self.num_cond :], dim=1) if zs else eps.new_zeros(eps.shape[0], 0, *eps.shape[2:])
+            mean, log_sigma = self.step(history, None if context is None else context[:, t])
+            zs.append(eps[:, t] * log_sigma.exp() + mean)
+            logdet = logdet + sum_except_batch(log_sigma)
+        return torch.stack(zs, dim=1), logdet
+
+
+class VideoFlowTransform(Flow):
+    """Videos (B, T, C, H, W) -> standardised noise of the same shape: per-frame Glow, then every level's
+    :class:`TemporalGaussian`. The log-det (per video, or per frame with :meth:`frame_forward`) is exact."""
+
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        levels: int = 3,
+        steps: int = 8,
+        hidden: int = 128,
+        blocks: int = 1,
+        num_cond: int = 3,
+        prior_hidden: int = 64,
+        prior_blocks: int = 2,
+        latent_skip: bool = True,
+        scale_bound: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if size % 2**levels:
+            raise ValueError(f"VideoFlow: frame size {size} must be divisible by 2**levels = {2**levels}")
+        self.glow = FrameGlow(channels, size, levels, steps, hidden, blocks)
+        self.priors = nn.ModuleList(
+            TemporalGaussian(shape[0], cond, num_cond, prior_hidden, prior_blocks, latent_skip, scale_bound)
+            for shape, cond in zip(self.glow.level_shapes, self.glow.cond_channels)
+        )
+
+    @property
+    def num_cond(self) -> int:
+        return self.priors[0].num_cond
+
+    def encode(self, video: Tensor) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+        """Frames -> per-level latents (B, T, C_l, H_l, W_l), their in-frame contexts, Glow log-det (B, T)."""
+        b, t = video.shape[:2]
+        z, logdet = self.glow(video.reshape(b * t, *video.shape[2:]))
+        zs, hs = self.glow.split_levels(z)
+        seq = [v.reshape(b, t, *v.shape[1:]) for v in zs]
+        ctx = [None if h is None else h.reshape(b, t, *h.shape[1:]) for h in hs]
+        return seq, ctx, logdet.reshape(b, t)
+
+    def frame_forward(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """(eps (B, T, C, H, W), log-det per frame (B, T)); frame t's log-det includes its prior's -sum log sigma."""
+        b, t = video.shape[:2]
+        zs, hs, logdet = self.encode(video)
+        eps_levels = []
+        for prior, z, h in zip(self.priors, zs, hs):
+            mean, log_sigma = prior.params(z, h)
+            eps_levels.append(((z - mean) * torch.exp(-log_sigma)).reshape(b * t, *z.shape[2:]))
+            logdet = logdet - log_sigma.reshape(b, t, -1).sum(-1)
+        eps = self.glow.merge_levels(eps_levels).reshape(video.shape)
+        return eps, logdet
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        eps, logdet = self.frame_forward(x)
+        return eps, logdet.sum(1)
+
+    def decode_step(self, eps_levels: list[Tensor], history: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """One time step, top level first: noise per level (B, C_l, H_l, W_l) and each level's history
+        (B, k, C_l, H_l, W_l) -> the step's latents per level and the prior's log-det (B,)."""
+        levels = self.glow.num_levels
+        zs: list[Tensor] = [None] * levels  # type: ignore[list-item]
+        logdet = eps_levels[0].new_zeros(eps_levels[0].shape[0])
+        h = None
+        for level in range(levels - 1, -1, -1):
+            mean, log_sigma = self.priors[level].step(history[level], h)
+            zs[level] = eps_levels[level] * log_sigma.exp() + mean
+            logdet = logdet + sum_except_batch(log_sigma)
+            s = zs[level] if h is None else torch.cat([h, zs[level]], dim=1)
+            h = self.glow.unsqueeze(s) if level > 0 else None
+        return zs, logdet
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        b, t = z.shape[:2]
+        frames, logdet = [], z.new_zeros(b)
+        history = [z.new_zeros(b, 0, *shape) for shape in self.glow.level_shapes]
+        for i in range(t):
+            eps_levels, _ = self.glow.split_levels(z[:, i])
+            zs, ld = self.decode_step(eps_levels, history)
+            history = [torch.cat([hist, lv[:, None]], dim=1)[:, -self.num_cond :] for hist, lv in zip(history, zs)]
+            x, ld_glow = self.glow.inverse(self.glow.merge_levels(zs))
+            frames.append(x)
+            logdet = logdet + ld + ld_glow
+        return torch.stack(frames, dim=1), logdet
+
+
+class VideoFlowModel(nn.Module):
+    """VideoFlow on uint8 videos (B, T, C, H, W): n-bit quantisation, uniform dequantisation, the flow, N(0, I).
+
+    ``frame_log_prob`` gives log P(x_t | x_<t) in nats of the discrete n-bit frame (a stochastic lower bound: uniform
+    dequantisation noise, in training and evaluation alike); ``log_prob`` sums it over the frames after the
+    ``context_frames`` conditioning ones.
+    """
+
+    def __init__(
+        self,
+        channels: int = 3,
+        size: int = 64,
+        bits: int = 5,
+        levels: int = 3,
+        steps: int = 8,
+        hidden: int = 128,
+        blocks: int = 1,
+        context_frames: int = 3,
+        num_cond: int = 3,
+        prior_hidden: int = 64,
+        prior_blocks: int = 2,
+        latent_skip: bool = True,
+        scale_bound: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= bits <= 8:
+            raise ValueError(f"model.bits={bits}: expected 1..8 bits per channel")
+        self.channels, self.size, self.bits, self.context_frames = channels, size, bits, context_frames
+        self.dequant = UniformDequantization(2**bits)
+        self.transform = VideoFlowTransform(
+            channels, size, levels, steps, hidden, blocks, num_cond, prior_hidden, prior_blocks, latent_skip,
+            scale_bound,
+        )  # fmt: skip
+
+    def _check(self, video: Tensor) -> None:
+        if video.dim() != 5 or tuple(video.shape[2:]) != (self.channels, self.size, self.size):
+            raise ValueError(
+                f"VideoFlow: expected videos (B, T, {self.channels}, {self.size}, {self.size}), "
+                f"got {tuple(video.shape)}"
+            )
+
+    def preprocess(self, video: Tensor, noise: bool = True) -> tuple[Tensor, Tensor]:
+        """uint8 video -> the flow's input in [-0.5, 0.5) and the dequantisation log-det per frame (B, T).
+
+        ``noise=True`` (every likelihood, training or not): uniform noise in each bin, so that the log-likelihood is
+        a lower bound on the discrete one. ``noise=False``: the bin centres, to encode context frames for sampling.
+        Evaluating a density at bin centres is no bound (it can exceed 1 / bin width: negative bits per pixel)."""
+        self._check(video)
+        b, t = video.shape[:2]
+        frames = to_nbit(video, self.bits).reshape(b * t, *video.shape[2:]).to(self.dequant_dtype)
+        was_training = self.dequant.training
+        self.dequant.train(noise)  # core's UniformDequantization draws noise in training mode only
+        try:
+            y, logdet = self.dequant(frames)
+        finally:
+            self.dequant.train(was_training)
+        return (y - 0.5).reshape(video.shape), logdet.reshape(b, t)
+
+    @property
+    def dequant_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def frame_log_prob(self, video: Tensor) -> Tensor:
+        """log P(x_t | x_<t) in nats for every frame, (B, T)."""
+        y, logdet = self.preprocess(video)
+        eps, ld = self.transform.frame_forward(y)
+        b, t = video.shape[:2]
+        base = -0.5 * eps.reshape(b, t, -1).square().sum(-1) - 0.5 * _LOG_2PI * eps[0, 0].numel()
+        return base + ld + logdet
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Log-likelihood (B,) of the frames after the first ``context_frames``, given them."""
+        return self.frame_log_prob(x)[:, self.context_frames :].sum(1)
+
+    @torch.no_grad()
+    def predict(self, context: Tensor, steps: int, temperature: float = 1.0) -> Tensor:
+        """Sample ``steps`` future frames (B, steps, C, H, W) uint8 given context frames (B, K, C, H, W) uint8."""
+        y, _ = self.preprocess(context, noise=False)
+        zs, _, _ = self.transform.encode(y)
+        k = self.transform.num_cond
+        history = [z[:, -k:] for z in zs]
+        frames = []
+        for _ in range(steps):
+            eps = [
+                temperature * torch.randn(len(y), *s, device=y.device, dtype=y.dtype)
+                for s in self.transform.glow.level_shapes
+            ]
+            z_levels, _ = self.transform.decode_step(eps, history)
+            history = [torch.cat([hist, lv[:, None]], dim=1)[:, -k:] for hist, lv in zip(history, z_levels)]
+            x, _ = self.transform.glow.inverse(self.transform.glow.merge_levels(z_levels))
+            ints, _ = self.dequant.inverse(x + 0.5)
+            frames.append(from_nbit(ints, self.bits))
+        return torch.stack(frames, dim=1)

@@ -1,0 +1,4 @@
+from apps.waveflow.commands import COMMANDS, DESCRIPTIONS
+from core.cli import main
+
+main("waveflow", COMMANDS, DESCRIPTIONS)

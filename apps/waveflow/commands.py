@@ -1,0 +1,231 @@
+"""WaveFlow commands: train, synthesize, evaluate. Each takes the composed Hydra config."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from apps.waveflow.audio import AudioError, MelConfig, MelSpectrogram, load_wav, save_wav
+from apps.waveflow.metrics import mel_cepstral_distortion, mel_l1
+from apps.waveflow.model import WaveFlow
+from core.training import fit, load_checkpoint
+from core.training.runner import write_json
+
+__all__ = ["train", "synthesize", "evaluate", "COMMANDS", "DESCRIPTIONS", "prepare_for_inference", "timed_synthesis"]
+
+log = logging.getLogger(__name__)
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    want = cfg.get("device", "auto")
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(want)
+
+
+def _dtype(precision: str, device: torch.device) -> torch.dtype:
+    choices = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in choices:
+        raise ValueError(f"precision={precision!r}: choose auto, fp32, fp16 or bf16")
+    return choices[precision]
+
+
+def prepare_for_inference(model: WaveFlow, device: torch.device, dtype: torch.dtype, compile: bool = False) -> WaveFlow:
+    """Eval mode on ``device`` in ``dtype``; ``compile`` wraps every conditioner layer's row step in torch.compile."""
+    model = model.to(device=device, dtype=dtype).eval()
+    if compile:
+        for layer in model.layers:
+            for block in layer.net.blocks:
+                block.step = torch.compile(block.step, dynamic=False)
+    return model
+
+
+def timed_synthesis(model: WaveFlow, mel: torch.Tensor, sigma: float, length: int | None = None, fast: bool = True):
+    """(audio (B, T) float32, seconds) under ``torch.inference_mode``, synchronising the GPU around the call."""
+    dtype = next(model.parameters()).dtype
+    sync = torch.cuda.synchronize if mel.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        audio = model.synthesize(mel.to(dtype), sigma=sigma, length=length, fast=fast)
+        sync()
+    return audio.float(), time.perf_counter() - t0
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit WaveFlow; writes checkpoints, metrics.json and media/ (resynthesised val clip + mel plots)."""
+    return fit(cfg).metrics
+
+
+def _load(cfg: DictConfig) -> tuple[WaveFlow, DictConfig, MelConfig, torch.device]:
+    device = _device(cfg)
+    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location="cpu")
+    model = prepare_for_inference(
+        module.eval_model, device, _dtype(cfg.get("precision", "auto"), device), cfg.get("compile", False)
+    )
+    d = ckpt_cfg.data
+    mel_cfg = MelConfig(d.sample_rate, d.n_fft, d.hop_length, d.win_length, d.n_mels, d.fmin, d.fmax)
+    return model, ckpt_cfg, mel_cfg, device
+
+
+def _read_mel_npy(path: Path, n_mels: int) -> torch.Tensor:
+    try:
+        mel = np.load(path)
+    except Exception as e:
+        raise AudioError(f"{path}: cannot read as a .npy array ({type(e).__name__}: {e})") from e
+    mel = np.asarray(mel, dtype=np.float32)
+    if mel.ndim == 3 and mel.shape[0] == 1:
+        mel = mel[0]
+    if mel.ndim == 2 and mel.shape[0] != n_mels and mel.shape[1] == n_mels:
+        log.info("%s: mel of shape %s read as (frames, n_mels): transposed", path, mel.shape)
+        mel = mel.T
+    if mel.ndim != 2 or mel.shape[0] != n_mels or mel.shape[1] == 0:
+        raise AudioError(f"{path}: expected a log-mel of shape ({n_mels}, frames), got {mel.shape}")
+    if not np.isfinite(mel).all():
+        raise AudioError(f"{path}: the mel contains NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(mel))
+
+
+def _inputs(path: Path, mel_cfg: MelConfig) -> tuple[list[tuple[str, torch.Tensor, int | None]], list[str]]:
+    """(name, mel (n_mels, F), length in samples or None) for a wav, a .npy mel, or a folder of them."""
+    melspec = MelSpectrogram(mel_cfg)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".wav", ".npy")) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise FileNotFoundError(f"input={path}: no .wav or .npy files in the folder")
+    if not path.exists():
+        raise FileNotFoundError(f"input={path}: no such file or folder")
+    items, bad = [], []
+    for f in files:
+        name = str(f.relative_to(path).with_suffix("")) if path.is_dir() else f.stem
+        try:
+            if f.suffix.lower() == ".npy":
+                items.append((name, _read_mel_npy(f, mel_cfg.n_mels), None))
+            elif f.suffix.lower() == ".wav":
+                audio = torch.from_numpy(load_wav(f, mel_cfg.sample_rate))
+                items.append((name, melspec(audio), len(audio)))
+            else:
+                raise AudioError(f"{f}: expected a .wav file or a .npy log-mel")
+        except AudioError as e:
+            if not path.is_dir():
+                raise
+            bad.append(str(e))
+    if bad:
+        log.warning("input=%s: skipped %d of %d files:\n  %s", path, len(bad), len(files), "\n  ".join(bad))
+    if not items:
+        raise AudioError(f"input={path}: none of the {len(files)} files could be used")
+    return items, bad
+
+
+def synthesize(cfg: DictConfig) -> list[Path]:
+    """Waveforms from mels: ``input`` = a wav (resynthesis), a .npy log-mel (n_mels, frames), or a folder of them.
+    Writes ``wavs/<name>.wav`` and ``synthesis.json`` (per-file length, seconds, real-time factor)."""
+    model, _, mel_cfg, device = _load(cfg)
+    items, bad = _inputs(Path(cfg.input).expanduser(), mel_cfg)
+    torch.manual_seed(cfg.seed)
+    out, written, rows = Path(cfg.output_dir), [], []
+    for name, mel, length in tqdm(items, desc="synthesizing", unit="file"):
+        audio, secs = timed_synthesis(model, mel[None].to(device), cfg.sigma, length, cfg.fast)
+        path = save_wav(out / "wavs" / f"{name}.wav", audio[0].cpu(), mel_cfg.sample_rate)
+        dur = audio.shape[1] / mel_cfg.sample_rate
+        written.append(path)
+        rows.append({"name": name, "seconds_audio": dur, "seconds_synthesis": secs, "x_real_time": dur / secs})
+    total_audio = sum(r["seconds_audio"] for r in rows)
+    total_time = sum(r["seconds_synthesis"] for r in rows)
+    summary = {
+        "files": rows, "skipped": bad, "device": str(device), "dtype": str(next(model.parameters()).dtype),
+        "x_real_time": total_audio / total_time, "rtf": total_time / total_audio,
+    }  # fmt: skip
+    write_json(out / "synthesis.json", summary)
+    log.info(
+        "wrote %d wavs to %s (%.2fx real time on %s)", len(written), out / "wavs", total_audio / total_time, device
+    )
+    return written
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Test log-likelihood per sample over whole utterances, mel L1 and MCD of resyntheses at ``sigma``, and the
+    real-time factor of synthesis. Writes metrics.json (and the resyntheses under wavs/)."""
+    model, ckpt_cfg, mel_cfg, device = _load(cfg)
+    data_cfg = OmegaConf.merge(ckpt_cfg.data, cfg.get("data") or {})
+    split = cfg.split
+    if cfg.input:
+        data_cfg = OmegaConf.merge(data_cfg, {"root": str(cfg.input), "splits_dir": None, "val_size": 0,
+                                              "test_size": 0})  # fmt: skip
+        split = "train"  # every utterance of the folder
+    dm = instantiate(data_cfg)
+    ds = dm.full_utterances(split, multiple_of=model.height)
+    n = min(len(ds), cfg.max_utterances or len(ds))
+    if n == 0:
+        raise ValueError(f"evaluate: split {split!r} of {data_cfg.root} has no utterances")
+    melspec = MelSpectrogram(mel_cfg).to(device)
+    # the likelihood in fp32 whatever the synthesis precision
+    lp_model = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+    torch.manual_seed(cfg.seed)
+    per, out = [], Path(cfg.output_dir)
+    for i in tqdm(range(n), desc="evaluating", unit="utt"):
+        item = ds[i]
+        x, mel = item["x"][None].to(device), item["context"][None].to(device)
+        with torch.inference_mode():
+            ll = float(lp_model.log_prob(x, mel)[0])
+        audio, secs = timed_synthesis(model, mel, cfg.sigma, x.shape[1], cfg.fast)
+        with torch.inference_mode():
+            gen_mel = melspec(audio[0])
+        uid = ds.utterances[i].id
+        per.append({
+            "id": uid, "samples": x.shape[1], "ll_per_sample": ll / x.shape[1],
+            "mel_l1": mel_l1(gen_mel.cpu(), mel[0].cpu()),
+            "mcd": mel_cepstral_distortion(gen_mel.cpu(), mel[0].cpu(), cfg.mcd_coefficients),
+            "seconds_synthesis": secs,
+        })  # fmt: skip
+        if cfg.save_wavs:
+            save_wav(out / "wavs" / f"{Path(uid).name}.wav", audio[0].cpu(), mel_cfg.sample_rate)
+    samples = sum(p["samples"] for p in per)
+    seconds = samples / mel_cfg.sample_rate
+    synth = sum(p["seconds_synthesis"] for p in per)
+    result = {
+        "n_utterances": n,
+        "split": split if not cfg.input else str(cfg.input),
+        "test_ll_per_sample_nats": sum(p["ll_per_sample"] * p["samples"] for p in per) / samples,
+        "mel_l1": sum(p["mel_l1"] for p in per) / n,
+        "mcd_db": sum(p["mcd"] for p in per) / n,
+        "rtf": synth / seconds,
+        "x_real_time": seconds / synth,
+        "sigma": cfg.sigma,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype),
+        "audio_seconds": seconds,
+    }
+    result["test_bits_per_sample"] = -result["test_ll_per_sample_nats"] / math.log(2)
+    write_json(out / "metrics.json", {**result, "per_utterance": per})
+    _table(f"WaveFlow evaluation ({n} utterances, {seconds:.1f} s of audio)", result)
+    return result
+
+
+def _table(title: str, values: dict) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in values.items():
+        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+COMMANDS = {"train": train, "synthesize": synthesize, "evaluate": evaluate}
+DESCRIPTIONS = {
+    "train": "fit WaveFlow by maximum likelihood (data.root=<LJSpeech folder | wav folder>, experiment=paper)",
+    "synthesize": "ckpt=... input=<wav | folder | mel .npy> [sigma=1.0]: wavs/*.wav and synthesis.json",
+    "evaluate": "ckpt=... [split=test | input=<wav folder>]: test LL per sample, mel L1, MCD, real-time factor",
+}

@@ -1,0 +1,406 @@
+"""WaveFlow (Ping et al. 2020, arXiv:1912.01219) on ``core``: the squeeze, the 2-D WaveNet conditioner, the
+affine autoregressive layer along height with its cached fast inverse, the mel upsampler and the whole model.
+
+Layout. A waveform ``x`` (B, T) is squeezed into an ``h x (T / h)`` matrix ``X[i, j] = x[j * h + i]``: a column
+holds ``h`` consecutive samples, a row every ``h``-th sample. Each :class:`WaveFlowLayer` is
+
+    z[i, j] = x[i, j] * exp(log_s[i, j]) + t[i, j],   (log_s, t)[i, :] = WN2D(X[<i, :], c)[i, :]
+
+along its own order of the rows (the paper's permutations), where ``WN2D`` is a stack of dilated 2-D
+convolutions, causal along height and non-causal along width. ``forward`` (density, training) is one parallel
+pass; ``inverse`` (sampling) takes ``h`` sequential steps, each computing one row of every convolution from a
+cache of the rows above (:meth:`WaveFlowLayer.inverse`); :meth:`WaveFlowLayer.inverse_naive` recomputes the
+whole matrix at every step and is kept as the reference the fast path is tested against.
+
+References:
+    Ping, Peng, Zhao, Song. WaveFlow: A Compact Flow-based Model for Raw Audio. ICML 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.distributions import FlowModel
+from core.flows.base import Flow, Sequential
+
+__all__ = [
+    "squeeze",
+    "unsqueeze",
+    "HeightSqueeze",
+    "height_orders",
+    "default_height_dilations",
+    "WaveNet2D",
+    "WaveFlowLayer",
+    "MelUpsampler",
+    "LatentNormal",
+    "WaveFlow",
+]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+# Dilations along height of the 8 conditioner layers, from the official release (Parakeet) by h.
+PAPER_HEIGHT_DILATIONS = {
+    8: [1, 1, 1, 1, 1, 1, 1, 1],
+    16: [1, 1, 1, 1, 1, 1, 1, 1],
+    32: [1, 2, 4, 1, 2, 4, 1, 2],
+    64: [1, 2, 4, 8, 16, 1, 2, 4],
+}
+
+
+def squeeze(x: Tensor, height: int) -> Tensor:
+    """(..., T) -> (..., h, T / h) with ``out[..., i, j] = x[..., j * h + i]``."""
+    if x.shape[-1] % height:
+        raise ValueError(f"squeeze: length {x.shape[-1]} is not a multiple of the height h={height}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // height, height).transpose(-1, -2)
+
+
+def unsqueeze(x: Tensor) -> Tensor:
+    """Inverse of :func:`squeeze`: (..., h, W) -> (..., h * W)."""
+    return x.transpose(-1, -2).reshape(*x.shape[:-2], -1)
+
+
+class HeightSqueeze(Flow):
+    """The squeeze as a flow: (B, T) -> (B, h, T / h), volume preserving (log-det 0)."""
+
+    def __init__(self, height: int) -> None:
+        super().__init__()
+        self.height = height
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return squeeze(x, self.height), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if z.shape[1] != self.height:
+            raise ValueError(f"HeightSqueeze.inverse: expected (B, {self.height}, W), got {tuple(z.shape)}")
+        return unsqueeze(z), z.new_zeros(z.shape[0])
+
+
+def height_orders(height: int, n_flows: int, permutation: str = "paper") -> list[list[int]]:
+    """The row order each flow is autoregressive in (``order[k]`` = the original row at position ``k``).
+
+    The paper permutes the rows after every flow: reverse after the first ``n_flows / 2`` flows, the bipartite
+    reverse (each half reversed on its own) after the others. Applied cumulatively as in the reference code, the
+    flows see the orders identity, reverse, identity, reverse, ..., then identity, bipartite, identity, ...
+    ``permutation="reverse"`` reverses after every flow, ``"none"`` keeps the natural order everywhere.
+    """
+    rows = list(range(height))
+    half = height // 2
+    bipartite = rows[:half][::-1] + rows[half:][::-1]
+    if permutation not in ("paper", "reverse", "none"):
+        raise ValueError(f"permutation={permutation!r}: choose paper, reverse or none")
+    state, orders = rows, []
+    for k in range(n_flows):
+        orders.append(list(state))
+        if permutation == "none":
+            continue
+        perm = rows[::-1] if (permutation == "reverse" or k < n_flows // 2) else bipartite
+        state = [state[p] for p in perm]
+    return orders
+
+
+def default_height_dilations(height: int, n_layers: int) -> list[int]:
+    """The paper's dilations for 8 layers; otherwise 1, 2, 4, ... (cycled) up to the first that covers h."""
+    if n_layers == 8 and height in PAPER_HEIGHT_DILATIONS:
+        return list(PAPER_HEIGHT_DILATIONS[height])
+    cycle, d = [], 1
+    while True:
+        cycle.append(d)
+        if 1 + 2 * sum(cycle) >= height or 2 * d >= height:
+            break
+        d *= 2
+    return [cycle[i % len(cycle)] for i in range(n_layers)]
+
+
+class _Block(nn.Module):
+    """One gated residual layer: dilated 3x3 conv (causal in height), + mel projection, tanh * sigmoid, 1x1."""
+
+    def __init__(self, channels: int, dilation_h: int, dilation_w: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.dh, self.dw, self.k = dilation_h, dilation_w, kernel
+        self.conv = nn.Conv2d(channels, 2 * channels, kernel)
+        self.out = nn.Conv2d(channels, 2 * channels, 1)
+
+    @property
+    def pad_h(self) -> int:
+        return (self.k - 1) * self.dh
+
+    def gate(self, a: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        if cond is not None:
+            a = a + cond
+        content, gate = a.chunk(2, dim=1)
+        return self.out(torch.tanh(content) * torch.sigmoid(gate)).chunk(2, dim=1)  # residual, skip
+
+    def forward(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        # x: (B, C, h, W); causal along height (zeros above), "same" along width
+        a = F.conv2d(
+            F.pad(x, (0, 0, self.pad_h, 0)),
+            self.conv.weight,
+            self.conv.bias,
+            padding=(0, self.dw * (self.k - 1) // 2),
+            dilation=(self.dh, self.dw),
+        )
+        return self.gate(a, cond)
+
+    def step(self, window: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One output row from the ``k`` input rows it sees, already gathered: (B, C, k, W) -> (B, C, 1, W) x2."""
+        a = F.conv2d(
+            window, self.conv.weight, self.conv.bias, padding=(0, self.dw * (self.k - 1) // 2), dilation=(1, self.dw)
+        )
+        return self.gate(a, cond)
+
+
+class WaveNet2D(nn.Module):
+    """WaveFlow's conditioner: 1x1 in, ``n_layers`` gated dilated 2-D conv layers with skips, 1x1 out to 2 maps.
+
+    Dilations: ``dilations_h`` along height (causal), ``2 ** i`` along width (non-causal). The output convolution
+    is zero-initialised, so every flow starts as the identity. Input (B, 1, h, W) already shifted down one row,
+    context (B, context_channels, h, W); output (B, 2, h, W) = (log_s, t).
+    """
+
+    def __init__(
+        self,
+        channels: int = 64,
+        n_layers: int = 8,
+        context_channels: int = 80,
+        dilations_h: Sequence[int] = (1,) * 8,
+        kernel: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(dilations_h) != n_layers:
+            raise ValueError(f"WaveNet2D: {len(dilations_h)} height dilations for {n_layers} layers")
+        if kernel % 2 != 1:
+            raise ValueError(f"WaveNet2D: kernel must be odd (same padding along width), got {kernel}")
+        self.channels, self.n_layers, self.context_channels = channels, n_layers, context_channels
+        self.start = nn.Conv2d(1, channels, 1)
+        self.blocks = nn.ModuleList(_Block(channels, int(d), 2**i, kernel) for i, d in enumerate(dilations_h))
+        # the mel projections of all layers as one 1x1 conv: one GEMM instead of n_layers small ones
+        self.cond = nn.Conv2d(context_channels, n_layers * 2 * channels, 1) if context_channels else None
+        self.end = nn.Conv2d(channels, 2, 1)
+        nn.init.zeros_(self.end.weight)
+        nn.init.zeros_(self.end.bias)
+
+    def _conds(self, context: Tensor | None) -> list[Tensor | None]:
+        if self.cond is None:
+            return [None] * self.n_layers
+        if context is None:
+            raise ValueError(f"WaveNet2D was built with context_channels={self.context_channels} but got no context")
+        return list(self.cond(context).chunk(self.n_layers, dim=1))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        h = self.start(x)
+        skip = 0
+        for block, cond in zip(self.blocks, self._conds(context)):
+            res, s = block(h, cond)
+            h, skip = h + res, skip + s
+        return self.end(skip)
+
+    # ---- incremental computation: one row at a time, each layer's input rows cached ------------------------
+    def start_rows(self, batch: int, width: int, like: Tensor) -> list[list[Tensor]]:
+        """Empty row caches, one list per layer, starting with its ``pad_h`` zero rows (B, C, W) of padding."""
+        zero = like.new_zeros(batch, self.channels, width)
+        return [[zero] * b.pad_h for b in self.blocks]
+
+    def step(self, x_row: Tensor, context_row: Tensor | None, caches: list[list[Tensor]]) -> Tensor:
+        """Output row ``i`` (B, 2, 1, W) from input row ``i`` (B, 1, 1, W), ``i`` rows being cached before it.
+
+        Each layer appends its input row to its cache and convolves the ``k`` rows its kernel sees; rows that no
+        later step can reach are dropped. No in-place writes, so the fast path is differentiable too."""
+        h = self.start(x_row)
+        skip = 0
+        for block, cond, cache in zip(self.blocks, self._conds(context_row), caches):
+            cache.append(h[:, :, 0])
+            window = torch.stack(cache[-1 - block.pad_h :: block.dh], dim=2)  # rows i - (k-1) d, ..., i: (B, C, k, W)
+            del cache[: -block.pad_h or len(cache)]
+            res, s = block.step(window, cond)
+            h, skip = h + res, skip + s
+        return self.end(skip)
+
+
+class WaveFlowLayer(Flow):
+    """One WaveFlow flow: affine autoregressive along height, in the row order ``order``.
+
+    Shapes: ``x`` (B, h, W) (a squeezed waveform), ``context`` (B, context_channels, h, W) (the upsampled mel,
+    squeezed the same way) or None. Both stay in the natural row order; the layer reads and writes them in
+    ``order`` internally. Row ``order[k]`` is transformed with a scale and shift that depend on the rows
+    ``order[:k]`` and the context only. ``forward`` is one parallel pass; ``inverse`` is exact and fast
+    (``h`` steps of one row each, conv states cached); ``inverse_naive`` is the O(h^2) reference.
+    """
+
+    def __init__(
+        self,
+        height: int,
+        context_channels: int = 80,
+        channels: int = 64,
+        n_layers: int = 8,
+        dilations_h: Sequence[int] | None = None,
+        order: Sequence[int] | None = None,
+        kernel: int = 3,
+    ) -> None:
+        super().__init__()
+        self.height = height
+        order = list(range(height)) if order is None else [int(o) for o in order]
+        if sorted(order) != list(range(height)):
+            raise ValueError(f"WaveFlowLayer: order must be a permutation of 0..{height - 1}, got {order}")
+        dilations_h = list(dilations_h) if dilations_h is not None else default_height_dilations(height, n_layers)
+        self.net = WaveNet2D(channels, n_layers, context_channels, dilations_h, kernel)
+        self.register_buffer("order", torch.as_tensor(order), persistent=False)
+        self.register_buffer("inverse_order", torch.argsort(self.order), persistent=False)
+        self._natural = order == list(range(height))
+
+    def _permute(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if x.dim() != 3 or x.shape[1] != self.height:
+            raise ValueError(f"WaveFlowLayer: expected x of shape (B, {self.height}, W), got {tuple(x.shape)}")
+        if self._natural:
+            return x, context
+        return x[:, self.order], (None if context is None else context[:, :, self.order])
+
+    def _unpermute(self, x: Tensor) -> Tensor:
+        return x if self._natural else x[:, self.inverse_order]
+
+    def _params(self, xp: Tensor, cp: Tensor | None) -> tuple[Tensor, Tensor]:
+        shifted = F.pad(xp, (0, 0, 1, 0))[:, None, :-1]  # row i sees rows < i: (B, 1, h, W)
+        log_s, t = self.net(shifted, cp).unbind(1)
+        return log_s, t
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        xp, cp = self._permute(x, context)
+        log_s, t = self._params(xp, cp)
+        z = xp * torch.exp(log_s) + t
+        return self._unpermute(z), log_s.flatten(1).sum(1)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Fast exact inverse: ``h`` steps, each computing one row of every layer from the cached rows above."""
+        zp, cp = self._permute(z, context)
+        batch, height, width = zp.shape
+        caches = self.net.start_rows(batch, width, zp)
+        rows, logdet = [], zp.new_zeros(batch)
+        prev = zp.new_zeros(batch, 1, 1, width)
+        for i in range(height):
+            params = self.net.step(prev, None if cp is None else cp[:, :, i : i + 1], caches)
+            log_s, t = params[:, 0], params[:, 1]  # (B, 1, W)
+            x_row = (zp[:, i : i + 1] - t) * torch.exp(-log_s)
+            rows.append(x_row)
+            logdet = logdet - log_s.flatten(1).sum(1)
+            prev = x_row[:, None]
+        return self._unpermute(torch.cat(rows, dim=1)), logdet
+
+    def inverse_naive(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Reference inverse: ``h`` full passes of the conditioner, row ``i`` solved after pass ``i``."""
+        zp, cp = self._permute(z, context)
+        xp = torch.zeros_like(zp)
+        logdet = zp.new_zeros(zp.shape[0])
+        for i in range(self.height):
+            log_s, t = self._params(xp, cp)
+            row = (zp[:, i] - t[:, i]) * torch.exp(-log_s[:, i])
+            xp = torch.cat([xp[:, :i], row[:, None], xp[:, i + 1 :]], dim=1)
+            logdet = logdet - log_s[:, i].sum(1)
+        return self._unpermute(xp), logdet
+
+
+class MelUpsampler(nn.Module):
+    """Mel frames to sample rate: 2-D transposed convs over (mel band, time), one per factor, leaky ReLU 0.4.
+
+    (B, n_mels, F) -> (B, n_mels, F * prod(factors)); kernel (3, 2 f), stride (1, f), padding (1, f / 2) makes
+    each layer exactly ``f`` times longer.
+    """
+
+    def __init__(self, factors: Sequence[int] = (16, 16)) -> None:
+        super().__init__()
+        for f in factors:
+            if f % 2:
+                raise ValueError(f"MelUpsampler: factors must be even, got {list(factors)}")
+        self.factors = [int(f) for f in factors]
+        self.hop = math.prod(self.factors)
+        self.layers = nn.ModuleList(
+            nn.ConvTranspose2d(1, 1, (3, 2 * f), stride=(1, f), padding=(1, f // 2)) for f in self.factors
+        )
+
+    def forward(self, mel: Tensor) -> Tensor:
+        x = mel[:, None]  # (B, 1, n_mels, F)
+        for layer in self.layers:
+            x = F.leaky_relu(layer(x), 0.4)
+        return x[:, 0]
+
+
+class LatentNormal(nn.Module):
+    """N(0, I) over the latent matrix (B, h, W), whatever W: the length comes with the context at sampling."""
+
+    def __init__(self, height: int) -> None:
+        super().__init__()
+        self.height = height
+
+    def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        return -0.5 * z.flatten(1).square().sum(1) - 0.5 * _LOG_2PI * z[0].numel()
+
+    def sample(self, n: int | None = None, context: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+        if context is None:
+            raise ValueError("LatentNormal.sample needs the squeezed context (B, C, h, W) to know the length")
+        b, _, h, w = context.shape
+        return temperature * torch.randn(b, h, w, device=context.device, dtype=context.dtype)
+
+
+class WaveFlow(nn.Module):
+    """The WaveFlow vocoder: p(audio | mel) = N(f(audio; mel)) |det df/d audio|, ``f`` a stack of flows.
+
+    ``log_prob(audio (B, T), mel (B, n_mels, F))`` in nats per clip, with ``F * hop >= T`` and ``T`` a
+    multiple of ``height``; ``synthesize(mel)`` returns (B, F * hop) audio.
+    """
+
+    def __init__(
+        self,
+        height: int = 16,
+        n_flows: int = 8,
+        n_layers: int = 8,
+        channels: int = 64,
+        n_mels: int = 80,
+        upsample_factors: Sequence[int] = (16, 16),
+        permutation: str = "paper",
+        dilations_h: Sequence[int] | None = None,
+        kernel: int = 3,
+    ) -> None:
+        super().__init__()
+        if not 2 <= height <= 64:
+            raise ValueError(f"WaveFlow: height must be in 2..64 (the paper uses 8..64), got {height}")
+        self.height, self.n_mels = height, n_mels
+        self.upsampler = MelUpsampler(upsample_factors)
+        self.hop = self.upsampler.hop
+        orders = height_orders(height, n_flows, permutation)
+        layers = [WaveFlowLayer(height, n_mels, channels, n_layers, dilations_h, order, kernel) for order in orders]
+        self.flow = FlowModel(Sequential(HeightSqueeze(height), *layers), LatentNormal(height))
+
+    @property
+    def layers(self) -> list[WaveFlowLayer]:
+        return list(self.flow.transform.flows)[1:]
+
+    def condition(self, mel: Tensor, length: int) -> Tensor:
+        """Upsampled, cropped and squeezed conditioner: (B, n_mels, F) -> (B, n_mels, h, length / h)."""
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
+            raise ValueError(f"WaveFlow: expected a mel of shape (B, {self.n_mels}, frames), got {tuple(mel.shape)}")
+        if mel.shape[2] * self.hop < length:
+            raise ValueError(f"WaveFlow: {mel.shape[2]} mel frames cover {mel.shape[2] * self.hop} < {length} samples")
+        return squeeze(self.upsampler(mel)[..., :length], self.height)
+
+    def log_prob(self, audio: Tensor, mel: Tensor) -> Tensor:
+        """log p(audio | mel) in nats per clip: (B,)."""
+        return self.flow.log_prob(audio, self.condition(mel, audio.shape[-1]))
+
+    def synthesize(
+        self, mel: Tensor, sigma: float = 1.0, length: int | None = None, fast: bool = True, noise: Tensor | None = None
+    ) -> Tensor:
+        """Audio (B, length) from a mel (B, n_mels, F); ``length`` defaults to ``F * hop`` (a multiple of h).
+
+        ``noise`` (B, length) replaces the Gaussian draw (``sigma`` still scales it); ``fast=False`` uses the
+        naive O(h^2) inverse (same result, for tests)."""
+        length = mel.shape[2] * self.hop if length is None else length
+        full = -(-length // self.height) * self.height
+        c = self.condition(mel, full)
+        z = squeeze(noise, self.height) if noise is not None else torch.randn_like(c[:, 0])
+        z = sigma * z.to(c.dtype)
+        for layer in reversed(self.layers):
+            z = (layer.inverse if fast else layer.inverse_naive)(z, c)[0]
+        return unsqueeze(z)[:, :length]

@@ -1,0 +1,126 @@
+"""WaveFlow's model: squeeze, orders, causality along height, fast == naive inverse, sizes of the paper models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apps.waveflow.model import (
+    MelUpsampler,
+    WaveFlow,
+    WaveFlowLayer,
+    default_height_dilations,
+    height_orders,
+    squeeze,
+    unsqueeze,
+)
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.1) -> None:
+    with torch.no_grad():  # leave the identity initialisation (zero output convs) so the checks have teeth
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def test_squeeze_layout_and_round_trip():
+    x = torch.arange(2 * 48).reshape(2, 48).float()
+    s = squeeze(x, 16)
+    assert s.shape == (2, 16, 3)
+    assert s[1, 5, 2] == x[1, 2 * 16 + 5]  # column j holds samples j*h .. j*h + h - 1
+    torch.testing.assert_close(unsqueeze(s), x)
+    with pytest.raises(ValueError, match="multiple of the height"):
+        squeeze(torch.zeros(1, 50), 16)
+
+
+def test_paper_orders_and_dilations():
+    orders = height_orders(8, 8, "paper")
+    nat, rev, bip = list(range(8)), list(range(8))[::-1], [3, 2, 1, 0, 7, 6, 5, 4]
+    assert orders == [nat, rev, nat, rev, nat, bip, nat, bip]
+    assert height_orders(8, 3, "none") == [nat] * 3
+    assert default_height_dilations(64, 8) == [1, 2, 4, 8, 16, 1, 2, 4]
+    assert default_height_dilations(16, 8) == [1] * 8  # receptive field 17 rows >= h
+    assert default_height_dilations(16, 4) == [1, 2, 4, 8]
+    assert default_height_dilations(8, 5) == [1, 2, 4, 1, 2]
+    for h, n in ((8, 4), (16, 4), (32, 5), (64, 6)):  # enough layers: the causal field covers all rows
+        assert 1 + 2 * sum(default_height_dilations(h, n)) >= h
+
+
+@pytest.mark.parametrize("order", [None, [4, 1, 5, 0, 3, 2]])
+def test_layer_is_causal_along_height(order):
+    """Changing row order[k] of the input never changes the output rows order[:k]; it does change row order[k]."""
+    torch.manual_seed(0)
+    layer = WaveFlowLayer(6, context_channels=3, channels=8, n_layers=3, dilations_h=[1, 2, 1], order=order).double()
+    _perturb(layer)
+    order = order or list(range(6))
+    x, c = torch.randn(2, 6, 10, dtype=torch.float64), torch.randn(2, 3, 6, 10, dtype=torch.float64)
+    z, _ = layer(x, c)
+    for k, row in enumerate(order):
+        x2 = x.clone()
+        x2[:, row] += torch.randn(2, 10, dtype=torch.float64)
+        z2, _ = layer(x2, c)
+        before = order[:k]
+        torch.testing.assert_close(z2[:, before], z[:, before], rtol=0, atol=0)
+        assert (z2[:, row] - z[:, row]).abs().max() > 1e-3
+        if k + 1 < len(order):  # and the rows after it see the change (the conditioner is not trivially blind)
+            assert (z2[:, order[k + 1 :]] - z[:, order[k + 1 :]]).abs().max() > 1e-6
+
+
+def test_width_is_not_causal():
+    """Along width the convolution looks both ways: a later column changes an earlier column's transform."""
+    torch.manual_seed(0)
+    layer = WaveFlowLayer(4, context_channels=0, channels=8, n_layers=2).double()
+    _perturb(layer)
+    x = torch.randn(1, 4, 12, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 0, 7] += 1.0
+    z, z2 = layer(x)[0], layer(x2)[0]
+    assert (z2[:, 1:, 6] - z[:, 1:, 6]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("height,permutation", [(16, "paper"), (32, "paper"), (8, "reverse")])
+def test_fast_synthesis_equals_naive_inverse(height, permutation):
+    torch.manual_seed(0)
+    model = WaveFlow(height=height, n_flows=4, n_layers=4, channels=8, n_mels=10, permutation=permutation).eval()
+    _perturb(model, 0.05)
+    mel = torch.randn(2, 10, 3)
+    noise = torch.randn(2, 3 * 256)
+    with torch.inference_mode():
+        fast = model.synthesize(mel, sigma=0.8, noise=noise)
+        naive = model.synthesize(mel, sigma=0.8, noise=noise, fast=False)
+    assert fast.shape == (2, 768) and fast.abs().max() > 0.1
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
+    # and the waveform maps back to the same noise
+    with torch.no_grad():
+        z, _ = model.flow.transform(fast, model.condition(mel, 768))
+    torch.testing.assert_close(unsqueeze(z), 0.8 * noise, atol=1e-4, rtol=1e-4)
+
+
+def test_log_prob_matches_change_of_variables():
+    torch.manual_seed(0)
+    model = WaveFlow(height=8, n_flows=2, n_layers=2, channels=8, n_mels=10).double()
+    _perturb(model, 0.05)
+    mel, x = torch.randn(1, 10, 2, dtype=torch.float64), 0.1 * torch.randn(1, 512, dtype=torch.float64)
+    c = model.condition(mel, 512)
+    jac = torch.autograd.functional.jacobian(lambda t: unsqueeze(model.flow.transform(t, c)[0]), x)[0, :, 0]
+    z = unsqueeze(model.flow.transform(x, c)[0])
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum() + torch.linalg.slogdet(jac)[1]
+    torch.testing.assert_close(model.log_prob(x, mel)[0], expected)
+
+
+def test_upsampler_and_condition_lengths():
+    up = MelUpsampler((16, 16))
+    assert up(torch.randn(2, 80, 7)).shape == (2, 80, 7 * 256)
+    model = WaveFlow(height=16, n_flows=2, n_layers=2, channels=8)
+    assert model.condition(torch.randn(1, 80, 4), 1024).shape == (1, 80, 16, 64)
+    with pytest.raises(ValueError, match="cover"):
+        model.condition(torch.randn(1, 80, 4), 2048)
+    with pytest.raises(ValueError, match="mel of shape"):
+        model.condition(torch.randn(1, 40, 4), 512)
+    with pytest.raises(ValueError, match="height"):
+        WaveFlow(height=128)
+
+
+@pytest.mark.parametrize("channels,paper_millions", [(64, 5.91), (128, 22.25)])
+def test_paper_model_sizes(channels, paper_millions):
+    n = sum(p.numel() for p in WaveFlow(height=16, n_flows=8, n_layers=8, channels=channels).parameters())
+    assert abs(n / 1e6 - paper_millions) / paper_millions < 0.01, n
