@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apps.graphaf.chem import BOND_ORDER, NUM_BOND_TYPES, AtomVocab, MolGraph
-from apps.graphaf.flows import ConditionalAffine
 from core.distributions import FlowModel, StandardNormal
-from core.flows import Sequential, UniformDequantization
+from core.flows import ConditionalAffine, Sequential, UniformDequantization
 
 __all__ = ["RGCN", "GraphAF", "StepPlan", "Latents"]
 
@@ -210,12 +209,12 @@ class GraphAF(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """log p of dequantized one-hots (N,) and the latents (N, k). The noise is uniform (a stochastic lower bound on
         the discrete log-likelihood, in training and validation alike), or 0.5 with ``center`` (for encoding)."""
-        was = self.dequantize.training
-        self.dequantize.train(not center)
-        try:
-            y, ld = self.dequantize(F.one_hot(cats, k).to(ctx.dtype))
-        finally:
-            self.dequantize.train(was)
+        one_hot = F.one_hot(cats, k).to(ctx.dtype)
+        if center:
+            with self.dequantize.centered():
+                y, ld = self.dequantize(one_hot)
+        else:
+            y, ld = self.dequantize(one_hot)
         z, logdet = flow.transform(y, ctx)
         return flow.base.log_prob(z) + logdet + ld, z
 

@@ -327,12 +327,11 @@ class VideoFlowModel(nn.Module):
         self._check(video)
         b, t = video.shape[:2]
         frames = to_nbit(video, self.bits).reshape(b * t, *video.shape[2:]).to(self.dequant_dtype)
-        was_training = self.dequant.training
-        self.dequant.train(noise)  # core's UniformDequantization draws noise in training mode only
-        try:
+        if noise:
             y, logdet = self.dequant(frames)
-        finally:
-            self.dequant.train(was_training)
+        else:
+            with self.dequant.centered():
+                y, logdet = self.dequant(frames)
         return (y - 0.5).reshape(video.shape), logdet.reshape(b, t)
 
     @property

@@ -2,6 +2,7 @@
 
 from core.flows.autoregressive import MADE, MaskedAffineAutoregressive
 from core.flows.base import Flow, Inverse, Sequential, sum_except_batch
+from core.flows.conditional import ConditionalAffine
 from core.flows.continuous import CNF, regularization_loss
 from core.flows.coupling import (
     AdditiveCoupling,
@@ -21,6 +22,7 @@ __all__ = [
     "Inverse",
     "sum_except_batch",
     "ElementwiseAffine",
+    "ConditionalAffine",
     "Logit",
     "Permutation",
     "RandomPermutation",

@@ -14,6 +14,8 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +42,28 @@ class _Dequantization(Flow):
 
 
 class UniformDequantization(_Dequantization):
-    """``y = (x + u) / levels`` with ``u ~ U[0, 1)``; ``levels = 2 ** bits`` for n-bit images."""
+    """``y = (x + u) / levels`` with ``u ~ U[0, 1)``; ``levels = 2 ** bits`` for n-bit images.
+
+    The noise is drawn in training and evaluation alike, so every reported likelihood is the bound above.
+    Inside ``with flow.centered():`` it is the bin centre ``u = 1/2`` instead: a deterministic encoding (for
+    reconstruction or conditioning on context frames), whose ``log p`` is NOT a bound on ``log P(x)``.
+    """
+
+    def __init__(self, levels: int = 256) -> None:
+        super().__init__(levels)
+        self.center = False
+
+    @contextmanager
+    def centered(self) -> Iterator[UniformDequantization]:
+        """Within the block, dequantize to bin centres (deterministic); restores the previous setting."""
+        previous, self.center = self.center, True
+        try:
+            yield self
+        finally:
+            self.center = previous
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        u = torch.rand_like(x) if self.training else torch.full_like(x, 0.5)
+        u = torch.full_like(x, 0.5) if self.center else torch.rand_like(x)
         return (x + u) / self.levels, self._scale_logdet(x)
 
 

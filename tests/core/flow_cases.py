@@ -17,6 +17,7 @@ from core.flows import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    ConditionalAffine,
     ElementwiseAffine,
     GlowStep,
     InvConv1x1,
@@ -74,6 +75,7 @@ def _glow_multiscale(context: int = 0) -> Sequential:
 
 CASES: list[Case] = [
     Case("elementwise_affine", lambda: ElementwiseAffine(5), (5,)),
+    Case("conditional_affine", lambda: ConditionalAffine(4, 6, hidden=(16,)), (4,), context=(6,)),
     Case("logit", lambda: Logit(0.05), (5,), inputs="unit"),
     Case("random_permutation", lambda: RandomPermutation(5, seed=3), (5,)),
     Case("reverse_channels", lambda: Reverse(3), (3, 4, 4)),

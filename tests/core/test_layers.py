@@ -130,6 +130,19 @@ def test_uniform_dequantization_bound_on_uniform_model_is_exact():
     assert nats_to_bits_per_dim(-logdet, 48).sub(8.0).abs().max() < 1e-5
 
 
+def test_uniform_dequantization_draws_noise_in_eval_and_centres_only_when_asked():
+    """A likelihood reported in eval mode must still be the dequantization bound (bin centres are no bound)."""
+    deq = UniformDequantization(4).eval()
+    x = torch.randint(0, 4, (2000, 3)).double()
+    y, _ = deq(x)
+    u = y * 4 - x
+    assert 0 <= u.min() and u.max() < 1 and u.std() > 0.25, "eval mode must draw uniform noise"
+    with deq.centered():
+        y_c, _ = deq(x)
+    torch.testing.assert_close(y_c, (x + 0.5) / 4)
+    assert not deq.center, "centered() restores the noisy setting"
+
+
 def test_variational_dequantization_is_a_normalised_bound():
     noise_flow = Sequential(ElementwiseAffine(1))
     with torch.no_grad():

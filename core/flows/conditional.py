@@ -1,7 +1,6 @@
-"""The conditional affine flow GraphAF stacks on the dequantized node and edge one-hots.
+"""Context-only conditional flows: element-wise maps whose parameters come from the context alone.
 
-Should move to ``core.flows`` (next to ``ElementwiseAffine``): it is domain-free, an element-wise affine map whose
-shift and scale come from the context alone.
+GraphAF stacks :class:`ConditionalAffine` on the dequantized node and edge one-hots of each generation step.
 """
 
 from __future__ import annotations
