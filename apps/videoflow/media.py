@@ -6,11 +6,10 @@ Arrays are uint8 (T, C, H, W) per video, the layout the model works in.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-__all__ = ["to_hwc", "write_gif", "write_mp4", "write_strip", "log_video"]
+__all__ = ["to_hwc", "write_gif", "write_mp4", "write_strip"]
 
 
 def to_hwc(frames: np.ndarray, scale: int = 1) -> np.ndarray:
@@ -64,15 +63,3 @@ def write_strip(path: str | Path, rows: list[np.ndarray], scale: int = 1, gap: i
     iio.imwrite(path, canvas)
     return path
 
-
-def log_video(trainer: Any, key: str, path: str | Path, fps: float = 4.0) -> None:
-    """Log a GIF/MP4 already written to ``path`` to every W&B logger of ``trainer`` (none: nothing happens)."""
-    from core.training.media import wandb_loggers
-
-    loggers = wandb_loggers(trainer)
-    if not loggers:
-        return
-    import wandb
-
-    for lg in loggers:
-        lg.experiment.log({key: wandb.Video(str(path), fps=fps), "trainer/global_step": trainer.global_step})

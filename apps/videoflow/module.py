@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from apps.videoflow.media import log_video, write_gif, write_strip
+from apps.videoflow.media import write_gif, write_strip
 from core.training import FlowModule
-from core.training.media import log_image
+from core.training.media import log_image, log_video
 
 __all__ = ["VideoFlowModule", "linear_warmup"]
 

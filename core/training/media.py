@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["wandb_loggers", "log_image", "log_audio", "log_point_cloud", "log_table"]
+__all__ = ["wandb_loggers", "log_image", "log_audio", "log_video", "log_point_cloud", "log_table"]
 
 
 def wandb_loggers(trainer: Any) -> list[Any]:
@@ -37,6 +37,17 @@ def log_audio(trainer: Any, key: str, path: str | Path, sample_rate: int) -> Non
         lg.experiment.log(
             {key: wandb.Audio(str(path), sample_rate=sample_rate), "trainer/global_step": trainer.global_step}
         )
+
+
+def log_video(trainer: Any, key: str, path: str | Path, fps: float = 4.0) -> None:
+    """Log a GIF/MP4 already written to ``path``."""
+    loggers = wandb_loggers(trainer)
+    if not loggers:
+        return
+    import wandb
+
+    for lg in loggers:
+        lg.experiment.log({key: wandb.Video(str(path), fps=fps), "trainer/global_step": trainer.global_step})
 
 
 def log_point_cloud(trainer: Any, key: str, points: np.ndarray) -> None:
