@@ -269,7 +269,7 @@ def test_every_media_helper_writes_into_an_offline_wandb_run(tmp_path):
     trainer = SimpleNamespace(loggers=[logger], global_step=3)
     media.log_audio(trainer, "m/audio", wav, 22050)
     media.log_video(trainer, "m/video", gif)
-    media.log_point_cloud(trainer, "m/cloud", np.random.rand(64, 3))
+    media.log_point_cloud(trainer, "m/cloud", np.random.default_rng(0).random((64, 3)))
     media.log_image(trainer, "m/image", png)
     media.log_table(trainer, "m/table", ["smiles", "qed"], [["CCO", 0.41]])
     logger.experiment.finish()
