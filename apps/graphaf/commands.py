@@ -21,6 +21,7 @@ from apps.graphaf.chem import AtomVocab, MolGraph, canonical_smiles, graph_to_mo
 from apps.graphaf.data import MoleculeDataModule, graphs_to_batch, read_smiles
 from apps.graphaf.metrics import generation_metrics, property_metrics, property_table
 from apps.graphaf.module import draw_grid
+from apps.graphaf.optimize import optimize
 from core.training import fit, load_checkpoint
 from core.training.media import log_image, log_table
 from core.training.runner import write_json
@@ -222,10 +223,12 @@ def _table(title: str, values: dict) -> None:
     Console().print(table)
 
 
-COMMANDS = {"train": train, "sample": sample, "evaluate": evaluate}
+COMMANDS = {"train": train, "sample": sample, "evaluate": evaluate, "optimize": optimize}
 DESCRIPTIONS = {
     "train": "fit GraphAF on a SMILES file (data=qm9 | zinc250k | smiles data.path=... data.column=...)",
     "sample": "ckpt=<file or run dir> n=10000 [temperature=0.75 valency_check=true]: samples.smi, samples.png",
     "evaluate": "ckpt=... n=10000, or smiles=<file> reference=<training file>: validity, uniqueness, novelty, "
     "reconstruction, QED / penalized logP / SA distributions",
+    "optimize": "ckpt=... property=plogp|qed steps=60: RL (PPO) fine-tuning for a property; top-3 scores, "
+    "mean before/after, a fine-tuned checkpoint for sample/evaluate",
 }

@@ -243,6 +243,31 @@ class GraphAF(nn.Module):
             "steps": (node_mask.sum(1) + edge_mask.sum(1)).to(node_ll.dtype),
         }
 
+    def step_log_likelihoods(self, x: Tensor, adj: Tensor, num_atoms: Tensor, center: bool = True) -> dict[str, Tensor]:
+        """Per-step log-likelihoods (differentiable), for policy-gradient fine-tuning on generated graphs.
+
+        Inputs as :meth:`log_likelihood`. Returns ``node`` (B, L) the log p of each atom's type (0 where masked),
+        ``edge`` (B, S, 4) the log p of every edge category at every edge step of :meth:`plan` in that step's context
+        (the category taken and those the valency check refused), ``node_mask`` (B, L) and ``edge_mask`` (B, S).
+        ``node.sum(1)`` plus the taken categories of ``edge`` summed equal :meth:`log_likelihood` with the same
+        ``center`` (default: noise 0.5, so a step's value is deterministic).
+        """
+        x, adj = self._fit_width(x, adj)
+        b, width = x.shape
+        node_ctx, edge_ctx, plan = self._contexts(x, adj)
+        node_mask, edge_mask = self._masks(plan, width, num_atoms)
+        lp, _ = self._step_log_prob(self.node_flow, x[node_mask], node_ctx[node_mask], self.num_types, center)
+        node = node_ctx.new_zeros(b, width).masked_scatter(node_mask, lp)
+        edge = node_ctx.new_zeros(b, len(plan.ei), EDGE_CATEGORIES)
+        if len(plan.ei) and edge_mask.any():
+            ctx = edge_ctx[edge_mask]  # (N, 3d)
+            cats = torch.arange(EDGE_CATEGORIES, device=x.device).repeat(len(ctx))
+            lp, _ = self._step_log_prob(
+                self.edge_flow, cats, ctx.repeat_interleave(EDGE_CATEGORIES, 0), EDGE_CATEGORIES, center
+            )
+            edge = edge.masked_scatter(edge_mask.unsqueeze(-1).expand_as(edge), lp)
+        return {"node": node, "edge": edge, "node_mask": node_mask, "edge_mask": edge_mask}
+
     @torch.no_grad()
     def encode(self, x: Tensor, adj: Tensor, num_atoms: Tensor) -> Latents:
         """The latents of every step (dequantization noise 0.5, the cell centre), laid out as :class:`Latents`."""
@@ -276,12 +301,18 @@ class GraphAF(nn.Module):
         max_resample: int = 50,
         latents: Latents | None = None,
         generator: torch.Generator | None = None,
+        record: dict | None = None,
     ) -> list[MolGraph]:
         """``n`` molecular graphs, generated together (node, then its edges; stop when a new atom has no bond).
 
         With ``valency_check`` a bond that would exceed an atom's valence is resampled (fresh noise) up to
         ``max_resample`` times and then set to "no bond". ``latents`` (from :meth:`encode`) replace the noise: the
         inverse of the flow, used for reconstruction.
+
+        ``record`` (a dict, for policy-gradient fine-tuning) receives the actions the returned graphs do not show:
+        ``stop_type`` (n,) the type drawn for the atom that stopped generation (-1 if ``max_atoms`` was reached) and
+        ``rejected`` (n, max_atoms, W, 3) how often each bond type was drawn and refused by the valency check at edge
+        step (i, j), slot ``i - j - 1`` as in :class:`Latents`.
         """
         dev, m, w, k = self.max_valence.device, self.max_atoms, self.window, self.num_types
         dtype = self.rgcn.embed.weight.dtype
@@ -292,6 +323,9 @@ class GraphAF(nn.Module):
         valence = torch.zeros(n, m, dtype=torch.long, device=dev)
         num_atoms = torch.full((n,), m, dtype=torch.long, device=dev)
         active = torch.arange(n, device=dev)
+        if record is not None:
+            stop_type = torch.full((n,), -1, dtype=torch.long, device=dev)
+            rejected = torch.zeros(n, m, w, NUM_BOND_TYPES, dtype=torch.long, device=dev)
 
         def noise(rows: Tensor, dim: int) -> Tensor:
             return temperature * torch.randn(len(rows), dim, device=dev, dtype=dtype, generator=generator)
@@ -317,9 +351,12 @@ class GraphAF(nn.Module):
                         self.max_valence[ti] - valence[active, i], self.max_valence[x[active, j]] - valence[active, j]
                     )
                     ok = self.bond_order[e] <= cap
-                    for _ in range(max_resample):
+                    for attempt in range(max_resample + 1):
                         bad = (~ok).nonzero().squeeze(1)
-                        if len(bad) == 0:
+                        if record is not None and len(bad):
+                            ones = torch.ones_like(bad)
+                            rejected.index_put_((active[bad], ones * i, ones * (i - j - 1), e[bad]), ones, True)
+                        if len(bad) == 0 or attempt == max_resample:
                             break
                         e[bad] = self._decode(self.edge_flow, noise(bad, EDGE_CATEGORIES), ctx[bad])
                         ok[bad] = self.bond_order[e[bad]] <= cap[bad]
@@ -331,11 +368,15 @@ class GraphAF(nn.Module):
                 valence[active, j] += o
                 bonded |= e != NO_BOND
             done = active[~bonded]
+            if record is not None:
+                stop_type[done] = x[done, i]
             x[done, i] = -1
             num_atoms[done] = i
             active = active[bonded]
             if len(active) == 0:
                 break
+        if record is not None:
+            record.update(stop_type=stop_type, rejected=rejected)
         return _to_graphs(x.cpu().numpy(), adj.cpu().numpy(), num_atoms.cpu().numpy())
 
 
