@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 
 from apps.density2d.data import DATASETS, Toy2DDataModule, true_log_prob
 from apps.density2d.plots import plot_density
 from core.metrics import mean_and_stderr, nats_to_bits_per_dim
 from core.training import fit, load_checkpoint
+from core.training.reporting import print_metrics
 from core.training.runner import write_json
 
 log = logging.getLogger(__name__)
@@ -73,12 +72,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     write_json(out / "metrics.json", metrics)
     plot_density(module.eval_model, x.numpy(), out / "density.png", title=f"{dm.dataset}: test NLL {nll:.3f} nats")
-    table = Table(title=f"density2d evaluate ({dm.dataset}, {cfg.split})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in metrics.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    print_metrics(f"density2d evaluate ({dm.dataset}, {cfg.split})", metrics, fmt=".4f")
     return metrics
 
 

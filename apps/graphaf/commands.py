@@ -13,8 +13,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from rdkit import Chem
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
 from apps.graphaf.chem import AtomVocab, MolGraph, canonical_smiles, graph_to_mol
@@ -24,16 +22,10 @@ from apps.graphaf.module import draw_grid
 from apps.graphaf.optimize import optimize
 from core.training import fit, load_checkpoint
 from core.training.media import log_image, log_table
+from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
 
 log = logging.getLogger(__name__)
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    want = cfg.get("device", "auto")
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
 
 
 def resolve_data(cfg: DictConfig) -> MoleculeDataModule:
@@ -91,7 +83,7 @@ def train(cfg: DictConfig) -> dict:
         m = generation_metrics([s if v else None for s, v in zip(smiles, valid)], result.datamodule.train_smiles)
         result.metrics.update({f"samples/{k}": v for k, v in m.items()})
         write_json(result.output_dir / "metrics.json", result.metrics)
-        _table(f"GraphAF samples after training ({n})", m)
+        print_metrics(f"GraphAF samples after training ({n})", m)
     return result.metrics
 
 
@@ -101,7 +93,7 @@ def _write_smiles(path: Path, smiles: list[str]) -> None:
 
 
 def _load(cfg: DictConfig):
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=_device(cfg))
+    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=resolve_device(cfg.get("device")))
     return module, module.eval_model.eval(), ckpt_cfg
 
 
@@ -210,17 +202,8 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     write_json(out / "metrics.json", result)
     draw_grid(gen_valid[:32], out / "samples.png")
-    _table("GraphAF evaluation", result)
+    print_metrics("GraphAF evaluation", result)
     return result
-
-
-def _table(title: str, values: dict) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in values.items():
-        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    Console().print(table)
 
 
 COMMANDS = {"train": train, "sample": sample, "evaluate": evaluate, "optimize": optimize}

@@ -46,6 +46,7 @@ from apps.graphaf.chem import NUM_BOND_TYPES, MolGraph, canonical_smiles, graph_
 from apps.graphaf.data import graphs_to_batch
 from apps.graphaf.model import GraphAF
 from core.training import load_checkpoint
+from core.training.reporting import resolve_device
 from core.training.runner import write_json
 
 __all__ = ["OBJECTIVES", "RLSettings", "Rollout", "PolicyOptimizer", "PropertyReward", "top_k", "optimize"]
@@ -299,13 +300,6 @@ def _evaluate(model: GraphAF, reward: PropertyReward, n: int, batch_size: int, t
     }
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    want = cfg.get("device", "auto")
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
-
-
 def optimize(cfg: DictConfig) -> dict:
     """Fine-tune ``ckpt`` for ``property``; writes checkpoints/last.ckpt (accepted by sample/evaluate), metrics.json
     (top-3 before/after/during, mean property before/after, per-iteration history) and samples.smi."""
@@ -314,7 +308,7 @@ def optimize(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise ValueError("ckpt: give the trained GraphAF checkpoint (file or run directory) to fine-tune")
     torch.manual_seed(cfg.seed)
-    dev = _device(cfg)
+    dev = resolve_device(cfg.get("device"))
     module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=dev)
     policy: GraphAF = module.eval_model.eval()
     r = cfg.reward

@@ -10,22 +10,16 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
 from apps.pointflow import metrics as M
 from apps.pointflow.io import CLOUD_SUFFIXES, read_cloud, read_cloud_folder, write_ply
 from apps.pointflow.plots import render_clouds
 from core.training import fit, load_checkpoint
+from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
 
 log = logging.getLogger(__name__)
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    want = cfg.get("device", "auto")
-    return torch.device("cuda" if want == "auto" and torch.cuda.is_available() else ("cpu" if want == "auto" else want))
 
 
 def train(cfg: DictConfig) -> dict:
@@ -45,7 +39,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _load(cfg: DictConfig):
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=_device(cfg))
+    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=resolve_device(cfg.get("device")))
     return module, ckpt_cfg
 
 
@@ -134,7 +128,7 @@ def reconstruct(cfg: DictConfig) -> dict:
     )
     result["per_shape_CD"] = {n: float(c) for n, c in zip(names, cd)}
     write_json(out / "metrics.json", result)
-    _table(f"PointFlow reconstruction ({result['n']} shapes)", {k: v for k, v in result.items() if k != "per_shape_CD"})
+    print_metrics(f"PointFlow reconstruction ({result['n']} shapes)", result, fmt=".6g")  # per-shape lists: JSON only
     return result
 
 
@@ -192,7 +186,7 @@ def evaluate(cfg: DictConfig) -> dict:
             gen = torch.cat(chunks)
             result.update(_test_elbo(module, ref, cfg))
         result["source"] = str(cfg.ckpt)
-    device = _device(cfg)
+    device = resolve_device(cfg.get("device"))
     emd = _emd_method(cfg.emd, len(gen) + len(ref), device)
     metrics = M.compute_all_metrics(
         gen.to(device), ref_d.to(device), batch_size=cfg.metric_batch_size, emd=emd, progress=True
@@ -201,7 +195,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     write_json(out / "metrics.json", result)
     render_clouds(list(gen[:8].numpy()), out / "samples.png")
-    _table("PointFlow generation metrics", result)
+    print_metrics("PointFlow generation metrics", result, fmt=".6g", show=_paper_units)
     return result
 
 
@@ -230,23 +224,17 @@ def _test_elbo(module, ref: torch.Tensor, cfg: DictConfig) -> dict:
     return {"test_neg_elbo_nats": nelbo, "test_bits_per_point": nelbo / (ref.shape[1] * math.log(2))}
 
 
-def _table(title: str, values: dict) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    paper_units = {"MMD-CD": ("x1e3", 1e3), "MMD-EMD": ("x1e2", 1e2)}
-    for k, v in values.items():
-        if isinstance(v, float):
-            shown = f"{v:.6g}"
-            if k in paper_units:
-                unit, f = paper_units[k]
-                shown += f"  ({v * f:.3f} {unit})"
-            elif k.startswith(("COV", "1-NNA")):
-                shown += f"  ({100 * v:.2f} %)"
-            table.add_row(k, shown)
-        else:
-            table.add_row(k, str(v))
-    Console().print(table)
+def _paper_units(key: str, value) -> str | None:
+    """MMD in the paper's scaled units, COV and 1-NNA in per cent, beside the raw value."""
+    if not isinstance(value, float):
+        return None
+    scale = {"MMD-CD": ("x1e3", 1e3), "MMD-EMD": ("x1e2", 1e2)}
+    if key in scale:
+        unit, f = scale[key]
+        return f"{value:.6g}  ({value * f:.3f} {unit})"
+    if key.startswith(("COV", "1-NNA")):
+        return f"{value:.6g}  ({100 * value:.2f} %)"
+    return None
 
 
 COMMANDS = {"train": train, "sample": sample, "reconstruct": reconstruct, "evaluate": evaluate}

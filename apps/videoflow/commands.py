@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
 from apps.videoflow.data import load_input_clips
@@ -19,16 +17,10 @@ from apps.videoflow.media import write_gif, write_mp4, write_strip
 from apps.videoflow.metrics import best_of_n
 from core.metrics import nats_to_bits_per_dim
 from core.training import fit, load_checkpoint
+from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
 
 log = logging.getLogger(__name__)
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    want = cfg.get("device", "auto")
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -57,7 +49,7 @@ def _write_videos(out: Path, name: str, context: np.ndarray, futures: np.ndarray
 def predict(cfg: DictConfig) -> Path:
     """Sample ``num_samples`` futures of ``steps`` frames for every input clip (``input=`` a video, an array file or
     a folder; without it the first ``num_videos`` test clips of the checkpoint's data): GIF, MP4 and PNG strip."""
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=_device(cfg))
+    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=resolve_device(cfg.get("device")))
     model = module.eval_model.eval()
     k = model.context_frames
     steps = cfg.steps or ckpt_cfg.data.target_frames
@@ -90,7 +82,7 @@ def predict(cfg: DictConfig) -> Path:
 def evaluate(cfg: DictConfig) -> dict:
     """Test-set bits per pixel of the target frames (uniform-dequantisation bound, averaged over ``bpd_draws``
     noise draws) and best-of-``num_samples`` PSNR / SSIM of sampled futures at ``temperature``."""
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=_device(cfg))
+    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=resolve_device(cfg.get("device")))
     model = module.eval_model.eval()
     dm = _datamodule(cfg, ckpt_cfg)
     ds = dm.test_set
@@ -132,13 +124,7 @@ def evaluate(cfg: DictConfig) -> dict:
             best_ssim_per_step=(torch.cat(scores["ssim_t"]).sum(0) / n).tolist(),
         )
     write_json(Path(cfg.output_dir) / "metrics.json", result)
-    table = Table(title=f"VideoFlow evaluation ({n} test videos, {result['bits']}-bit)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, v in result.items():
-        if not isinstance(v, list):
-            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    print_metrics(f"VideoFlow evaluation ({n} test videos, {result['bits']}-bit)", result, fmt=".4f")
     return result
 
 

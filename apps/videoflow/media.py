@@ -62,4 +62,3 @@ def write_strip(path: str | Path, rows: list[np.ndarray], scale: int = 1, gap: i
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, canvas)
     return path
-

@@ -12,26 +12,18 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
 from apps.waveflow.audio import AudioError, MelConfig, MelSpectrogram, load_wav, save_wav
 from apps.waveflow.metrics import mel_cepstral_distortion, mel_l1
 from apps.waveflow.model import WaveFlow
 from core.training import fit, load_checkpoint
+from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
 
 __all__ = ["train", "synthesize", "evaluate", "COMMANDS", "DESCRIPTIONS", "prepare_for_inference", "timed_synthesis"]
 
 log = logging.getLogger(__name__)
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    want = cfg.get("device", "auto")
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
 
 
 def _dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -71,7 +63,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _load(cfg: DictConfig) -> tuple[WaveFlow, DictConfig, MelConfig, torch.device]:
-    device = _device(cfg)
+    device = resolve_device(cfg.get("device"))
     module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location="cpu")
     model = prepare_for_inference(
         module.eval_model, device, _dtype(cfg.get("precision", "auto"), device), cfg.get("compile", False)
@@ -210,17 +202,8 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     result["test_bits_per_sample"] = -result["test_ll_per_sample_nats"] / math.log(2)
     write_json(out / "metrics.json", {**result, "per_utterance": per})
-    _table(f"WaveFlow evaluation ({n} utterances, {seconds:.1f} s of audio)", result)
+    print_metrics(f"WaveFlow evaluation ({n} utterances, {seconds:.1f} s of audio)", result, fmt=".6g")
     return result
-
-
-def _table(title: str, values: dict) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in values.items():
-        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
-    Console().print(table)
 
 
 COMMANDS = {"train": train, "synthesize": synthesize, "evaluate": evaluate}
