@@ -14,9 +14,10 @@ the full molecules (:meth:`GraphAF.log_likelihood`). Sampling is sequential and 
 
 Stopping: the generator stops when an atom gets no bond to the atoms before it. To learn that, every molecule with
 fewer than ``max_atoms`` atoms is followed in training by one "stop" atom whose edges are all "no bond"; its type is
-drawn uniformly from the vocabulary (so the stop is learned whatever type the sampler draws) and its node step is
-not part of the likelihood. The likelihood of a molecule is therefore the probability of its atoms and bonds and of
-the stop, with the stop atom's type marginalised under a uniform distribution instead of the model's.
+drawn uniformly from the vocabulary (so the stop is learned whatever type the sampler draws). The sampler stops
+with probability sum_t P_node(t | G) P(no bonds | t, G); the likelihood keeps the one term of that sum for the
+drawn type t (its node step and its "no bond" edge steps), so it is a lower bound on the log-probability of the
+molecule under the sampler (and, through dequantization, stochastic), never an overestimate.
 """
 
 from __future__ import annotations
@@ -199,8 +200,8 @@ class GraphAF(nn.Module):
 
     def _masks(self, plan: StepPlan, width: int, num_atoms: Tensor) -> tuple[Tensor, Tensor]:
         pos = torch.arange(width, device=num_atoms.device)
-        node_mask = pos.unsqueeze(0) < num_atoms.unsqueeze(1)  # (B, L)
         n = num_atoms.unsqueeze(1)
+        node_mask = (pos.unsqueeze(0) < n) | ((pos.unsqueeze(0) == n) & (n < self.max_atoms))  # (B, L), + stop atom
         edge_mask = (plan.ei.unsqueeze(0) < n) | ((plan.ei.unsqueeze(0) == n) & (n < self.max_atoms))  # (B, S)
         return node_mask, edge_mask
 

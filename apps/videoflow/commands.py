@@ -15,6 +15,7 @@ from tqdm import tqdm
 from apps.videoflow.data import load_input_clips
 from apps.videoflow.media import write_gif, write_mp4, write_strip
 from apps.videoflow.metrics import best_of_n
+from apps.videoflow.model import from_nbit, to_nbit
 from core.metrics import nats_to_bits_per_dim
 from core.training import fit, load_checkpoint
 from core.training.reporting import print_metrics, resolve_device
@@ -101,7 +102,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 fut = model.predict(rep, x.shape[1] - k, cfg.temperature).reshape(
                     cfg.num_samples, len(x), -1, *x.shape[2:]
                 )
-                s = best_of_n(fut, x[:, k:])
+                # against the truth at the model's bit depth: an n-bit model cannot render the dropped low bits
+                s = best_of_n(fut, from_nbit(to_nbit(x[:, k:], model.bits), model.bits))
                 for key in scores:
                     scores[key].append(s[key].cpu() if key in ("psnr", "ssim") else s[key].cpu()[None] * len(x))
     nll_t = torch.cat(nll)

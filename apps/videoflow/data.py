@@ -234,12 +234,11 @@ def _fit_frames(clips: np.ndarray, size: int, channels: int, name: str) -> np.nd
 class ClipDataset(Dataset):
     """uint8 clips (N, T, C, H, W); ``crop`` frames at a random start per item (training), else the whole clip."""
 
-    def __init__(self, clips: np.ndarray, crop: int | None = None, seed: int = 0) -> None:
+    def __init__(self, clips: np.ndarray, crop: int | None = None) -> None:
         self.clips = torch.from_numpy(np.ascontiguousarray(clips))
         if crop is not None and not 1 <= crop <= self.clips.shape[1]:
             raise ValueError(f"data.train_frames={crop} must lie in [1, {self.clips.shape[1]}] (the clip length)")
         self.crop = crop
-        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -248,7 +247,9 @@ class ClipDataset(Dataset):
         clip = self.clips[i]
         if self.crop is None or self.crop == clip.shape[0]:
             return clip
-        s = int(self.rng.integers(0, clip.shape[0] - self.crop + 1))
+        # torch's generator: seeded by Lightning per rank and re-seeded per DataLoader worker, so workers and ranks
+        # draw different crops (a numpy generator copied into each worker would repeat the same offsets)
+        s = int(torch.randint(0, clip.shape[0] - self.crop + 1, (1,)))
         return clip[s : s + self.crop]
 
 
@@ -373,7 +374,7 @@ class VideoDataModule(pl.LightningDataModule):
             arrays = self._from_files()
         for split, clips in arrays.items():
             crop = self.train_frames if split == "train" else None
-            self.sets[split] = ClipDataset(clips, crop, seed=self.seed)
+            self.sets[split] = ClipDataset(clips, crop)
         log.info("data: %s", ", ".join(f"{k} {tuple(v.clips.shape)}" for k, v in self.sets.items()))
 
     @property

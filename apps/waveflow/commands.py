@@ -41,7 +41,8 @@ def prepare_for_inference(model: WaveFlow, device: torch.device, dtype: torch.dt
     if compile:
         for layer in model.layers:
             for block in layer.net.blocks:
-                block.step = torch.compile(block.step, dynamic=False)
+                # dynamic: one compilation serves every utterance length (a static graph recompiles per width)
+                block.step = torch.compile(block.step, dynamic=True)
     return model
 
 

@@ -70,12 +70,11 @@ def sequential_log_likelihood(model: GraphAF, g, stop_type: int = 0) -> torch.Te
         z, ld = flow.transform(y, ctx)
         return flow.base.log_prob(z) + ld - k * torch.log(torch.tensor(2.0, dtype=torch.float64))
 
-    for i in range(min(n + 1, m)):
-        if i < n:
-            ctx = torch.zeros(1, model.rgcn.hidden, dtype=torch.float64)
-            if i:
-                ctx = model.rgcn(x[:, :i], adj[:, :i, :i])[1]
-            total = total + lp(model.node_flow, int(x[0, i]), ctx, model.num_types)[0]
+    for i in range(min(n + 1, m)):  # every atom, then the stop atom (its type, then "no bond" to the window)
+        ctx = torch.zeros(1, model.rgcn.hidden, dtype=torch.float64)
+        if i:
+            ctx = model.rgcn(x[:, :i], adj[:, :i, :i])[1]
+        total = total + lp(model.node_flow, int(x[0, i]), ctx, model.num_types)[0]
         part = adj[:, : i + 1, : i + 1].clone()
         part[0, i, :] = NO_BOND
         part[0, :, i] = NO_BOND
@@ -96,10 +95,10 @@ def test_teacher_forcing_equals_step_by_step_likelihood(zinc):
         ll = model.log_likelihood(batch["x"], batch["adj"], batch["num_atoms"], center=True)
         expected = torch.stack([sequential_log_likelihood(model, g) for g in graphs])
     torch.testing.assert_close(ll["node"] + ll["edge"], expected, rtol=1e-9, atol=1e-8)
-    # steps: n node steps and the edge steps of atoms 1..n (the last one the stop atom)
+    # steps: the node steps of the n atoms and of the stop atom, and the edge steps of atoms 1..n (n: the stop atom)
     g = graphs[0]
     n = g.num_atoms
-    want = n + sum(min(i, 12) for i in range(1, min(n + 1, d.max_atoms)))
+    want = min(n + 1, d.max_atoms) + sum(min(i, 12) for i in range(1, min(n + 1, d.max_atoms)))
     assert int(ll["steps"][0]) == want
 
 
