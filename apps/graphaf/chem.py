@@ -323,8 +323,25 @@ def sa_score(mol: Chem.Mol) -> float:
     return float(_sascorer().calculateScore(mol))
 
 
-def penalized_logp(mol: Chem.Mol) -> float:
-    """logP - SA - (largest ring size - 6, if positive): the unnormalised form used by GCPN and GraphAF."""
-    rings = [len(r) for r in mol.GetRingInfo().AtomRings()]
-    cycle = max(0, max(rings, default=0) - 6)
-    return float(Crippen.MolLogP(mol)) - sa_score(mol) - cycle
+# ZINC250k statistics GCPN (You et al. 2018) z-scores the three terms with; JT-VAE and GraphAF use the same.
+_PLOGP_STATS = {"logp": (2.4570953396190123, 1.434324401111988), "sa": (-3.0525811293166134, 0.8335207024513095),
+                "cycle": (-0.0485696876403053, 0.2860212110245455)}  # fmt: skip
+
+
+def penalized_logp(mol: Chem.Mol, normalized: bool = True) -> float:
+    """Penalized logP = logP - SA - max(0, largest cycle - 6).
+
+    ``normalized=True`` (default): the form GCPN, JT-VAE and GraphAF report and optimise, each term z-scored with
+    ZINC250k statistics and the largest cycle taken from a cycle basis of the molecular graph. ``False``: the
+    unnormalised sum with RDKit's smallest set of rings (TorchDrug's convention).
+    """
+    logp, sa = float(Crippen.MolLogP(mol)), sa_score(mol)
+    if not normalized:
+        rings = [len(r) for r in mol.GetRingInfo().AtomRings()]
+        return logp - sa - max(0, max(rings, default=0) - 6)
+    import networkx as nx
+
+    cycles = nx.cycle_basis(nx.Graph(Chem.rdmolops.GetAdjacencyMatrix(mol)))
+    cycle = max(0, max((len(c) for c in cycles), default=0) - 6)
+    (m_l, s_l), (m_s, s_s), (m_c, s_c) = _PLOGP_STATS["logp"], _PLOGP_STATS["sa"], _PLOGP_STATS["cycle"]
+    return (logp - m_l) / s_l + (-sa - m_s) / s_s + (-cycle - m_c) / s_c

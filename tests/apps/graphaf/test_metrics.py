@@ -22,9 +22,13 @@ def test_validity_uniqueness_novelty_on_a_hand_made_set():
 
 def test_properties_and_penalized_logp():
     cyclooctane = Chem.MolFromSmiles("C1CCCCCCC1")
-    assert abs(penalized_logp(cyclooctane) - (Crippen.MolLogP(cyclooctane) - sa_score(cyclooctane) - 2)) < 1e-9
+    raw = Crippen.MolLogP(cyclooctane) - sa_score(cyclooctane) - 2
+    assert abs(penalized_logp(cyclooctane, normalized=False) - raw) < 1e-9
+    logp, sa = Crippen.MolLogP(cyclooctane), sa_score(cyclooctane)
+    z = (logp - 2.4571) / 1.4343 + (3.0526 - sa) / 0.8335 + (0.0486 - 2) / 0.2860
+    assert abs(penalized_logp(cyclooctane) - z) < 1e-2, "GCPN's z-scored form (ZINC250k statistics)"
     benzene = Chem.MolFromSmiles("c1ccccc1")
-    assert abs(penalized_logp(benzene) - (Crippen.MolLogP(benzene) - sa_score(benzene))) < 1e-9
+    assert abs(penalized_logp(benzene, normalized=False) - (Crippen.MolLogP(benzene) - sa_score(benzene))) < 1e-9
     assert 1.0 <= sa_score(benzene) < 2.0  # simple molecules are easy to make
     t = property_table(["CCO", "xx", "c1ccccc1"])
     assert all(len(v) == 2 for v in t.values()) and 0 < t["qed"].min() <= t["qed"].max() < 1
