@@ -145,9 +145,11 @@ def glow(
     blocks: int = 1,
     context_channels: int = 0,
     learned_prior: bool = True,
+    coupling: str = "affine",
 ) -> FlowModel:
     """Multi-scale Glow on images (C, H, W): per level squeeze, ``steps`` Glow steps, and (but at the last
-    level) a split that factors half the channels out, with a learned conditional prior as Glow."""
+    level) a split that factors half the channels out, with a learned conditional prior as Glow.
+    ``coupling``: ``"affine"`` or ``"additive"`` couplings in every step."""
     c, h, w = shape
     if h % 2**levels or w % 2**levels:
         raise ValueError(f"glow: height and width must be divisible by 2**levels = {2**levels}, got {tuple(shape)}")
@@ -155,7 +157,10 @@ def glow(
     def level(channels: int, depth: int) -> Flow:
         sq = channels * 4
         body: list[Flow] = [Squeeze()]
-        body += [GlowStep(sq, hidden, blocks, context_channels, seed=depth * 1000 + i) for i in range(steps)]
+        body += [
+            GlowStep(sq, hidden, blocks, context_channels, seed=depth * 1000 + i, coupling=coupling)
+            for i in range(steps)
+        ]
         if depth < levels - 1:
             keep = sq - sq // 2
             prior = ConvNet(keep, 2 * (sq // 2), hidden, 1, context_channels) if learned_prior else None

@@ -55,9 +55,19 @@ class FrameGlow(Flow):
     first half holds the coarser levels ("h^l", what z^l is conditioned on within the frame).
     """
 
-    def __init__(self, channels: int, size: int, levels: int = 3, steps: int = 8, hidden: int = 128, blocks: int = 1):
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        levels: int = 3,
+        steps: int = 8,
+        hidden: int = 128,
+        blocks: int = 1,
+        coupling: str = "affine",
+    ) -> None:
         super().__init__()
-        self.flow = glow((channels, size, size), levels, steps, hidden, blocks, learned_prior=False).transform
+        shape = (channels, size, size)
+        self.flow = glow(shape, levels, steps, hidden, blocks, learned_prior=False, coupling=coupling).transform
         self.num_levels = levels
         self.squeeze = Squeeze()
         shapes, cond, c, s = [], [], channels, size
@@ -209,11 +219,12 @@ class VideoFlowTransform(Flow):
         prior_blocks: int = 2,
         latent_skip: bool = True,
         scale_bound: float = 5.0,
+        coupling: str = "affine",
     ) -> None:
         super().__init__()
         if size % 2**levels:
             raise ValueError(f"VideoFlow: frame size {size} must be divisible by 2**levels = {2**levels}")
-        self.glow = FrameGlow(channels, size, levels, steps, hidden, blocks)
+        self.glow = FrameGlow(channels, size, levels, steps, hidden, blocks, coupling)
         self.priors = nn.ModuleList(
             TemporalGaussian(shape[0], cond, num_cond, prior_hidden, prior_blocks, latent_skip, scale_bound)
             for shape, cond in zip(self.glow.level_shapes, self.glow.cond_channels)
@@ -300,6 +311,7 @@ class VideoFlowModel(nn.Module):
         prior_blocks: int = 2,
         latent_skip: bool = True,
         scale_bound: float = 5.0,
+        coupling: str = "affine",
     ) -> None:
         super().__init__()
         if not 1 <= bits <= 8:
@@ -308,7 +320,7 @@ class VideoFlowModel(nn.Module):
         self.dequant = UniformDequantization(2**bits)
         self.transform = VideoFlowTransform(
             channels, size, levels, steps, hidden, blocks, num_cond, prior_hidden, prior_blocks, latent_skip,
-            scale_bound,
+            scale_bound, coupling,
         )  # fmt: skip
 
     def _check(self, video: Tensor) -> None:

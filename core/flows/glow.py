@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from core.flows.base import Flow, Sequential, sum_except_batch
-from core.flows.coupling import AffineCoupling, channel_mask
+from core.flows.coupling import AdditiveCoupling, AffineCoupling, channel_mask
 from core.flows.elementwise import ActNorm
 
 __all__ = ["InvConv1x1", "Squeeze", "Split", "GlowStep"]
@@ -139,7 +139,11 @@ class Split(Flow):
 
 
 class GlowStep(Sequential):
-    """One step of flow: ActNorm -> invertible 1x1 conv -> affine coupling (channel split, conv conditioner)."""
+    """One step of flow: ActNorm -> invertible 1x1 conv -> coupling (channel split, conv conditioner).
+
+    ``coupling="affine"`` (Glow's default) or ``"additive"`` (volume preserving, as NICE and Glow's additive
+    variant, which VideoFlow's reference uses for its Stochastic Movement setting).
+    """
 
     def __init__(
         self,
@@ -149,10 +153,15 @@ class GlowStep(Sequential):
         context_channels: int = 0,
         scale: str = "sigmoid",
         seed: int = 0,
+        coupling: str = "affine",
     ) -> None:
         from core.nn import ConvNet
 
+        if coupling not in ("affine", "additive"):
+            raise ValueError(f"GlowStep: coupling must be 'affine' or 'additive', got {coupling!r}")
         mask = channel_mask(channels)
         n_id, n_tr = int(mask.sum()), int((~mask).sum())
-        net = ConvNet(n_id, 2 * n_tr, hidden=hidden, blocks=blocks, context_channels=context_channels)
-        super().__init__(ActNorm(channels), InvConv1x1(channels, seed=seed), AffineCoupling(mask, net, scale=scale))
+        outputs = 2 * n_tr if coupling == "affine" else n_tr
+        net = ConvNet(n_id, outputs, hidden=hidden, blocks=blocks, context_channels=context_channels)
+        layer = AffineCoupling(mask, net, scale=scale) if coupling == "affine" else AdditiveCoupling(mask, net)
+        super().__init__(ActNorm(channels), InvConv1x1(channels, seed=seed), layer)

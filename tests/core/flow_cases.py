@@ -117,6 +117,7 @@ CASES: list[Case] = [
     Case("squeeze", lambda: Squeeze(), (2, 4, 4)),
     Case("unsqueeze", lambda: Inverse(Squeeze()), (8, 2, 2)),
     Case("glow_step", lambda: GlowStep(4, hidden=8), (4, 4, 4)),
+    Case("glow_step_additive", lambda: GlowStep(4, hidden=8, coupling="additive"), (4, 4, 4)),
     Case("glow_step_conditional", lambda: GlowStep(4, hidden=8, context_channels=3), (4, 4, 4), context=(3,)),
     Case("glow_multiscale_split", lambda: _glow_multiscale(), (2, 8, 8)),
     Case("glow_multiscale_split_conditional", lambda: _glow_multiscale(2), (2, 8, 8), context=(2,)),

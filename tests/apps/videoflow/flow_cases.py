@@ -8,6 +8,7 @@ from tests.core.flow_cases import Case
 APP_CASES = [
     # per-frame multi-scale Glow: (1, 8, 8) -> levels (2, 4, 4) and (8, 2, 2)
     Case("frame_glow", lambda: FrameGlow(1, 8, levels=2, steps=1, hidden=8), (1, 8, 8)),
+    Case("frame_glow_additive", lambda: FrameGlow(1, 8, levels=2, steps=1, hidden=8, coupling="additive"), (1, 8, 8)),
     # latent dynamics prior of one level on (T, C, H, W), conditioned on the coarser level (T, Cc, H, W)
     Case(
         "temporal_gaussian",
