@@ -22,17 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.graphaf.data import DEFAULT_DATA, MoleculeDataset, graphs_to_batch, preprocess  # noqa: E402
 from apps.graphaf.model import GraphAF  # noqa: E402
+from core.benchmark import sync
 
 ZINC = Path(__file__).resolve().parents[1] / "tests" / "apps" / "graphaf" / "zinc250k_sample.csv"
 MODELS = {
     "small": dict(hidden=64, rgcn_layers=3, flow_layers=4, st_hidden=(64,)),  # conf/graphaf/model/graphaf.yaml
     "paper": dict(hidden=128, rgcn_layers=3, flow_layers=12, st_hidden=(128,)),  # experiment=paper
 }
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def dataset(name: str) -> tuple[MoleculeDataset, list[str], int]:

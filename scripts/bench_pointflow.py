@@ -12,7 +12,6 @@ distance matrices that MMD/COV/1-NNA need for an S x S evaluation, in Chamfer an
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,23 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.pointflow import metrics as M  # noqa: E402
 from apps.pointflow.model import PointFlowModel  # noqa: E402
+from core.benchmark import peak_memory_mb, sync
 from core.flows import CNF  # noqa: E402
 
 SIZES = {
     "small": dict(point_hidden=(64, 64, 64), latent_hidden=(64, 64)),  # conf/pointflow/model/pointflow.yaml
     "paper": dict(point_hidden=(512, 512, 512), latent_hidden=(256, 256)),  # experiment=paper
 }
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_train(model: PointFlowModel, batch: int, points: int, device: str, repeats: int) -> dict:
@@ -63,7 +52,7 @@ def bench_train(model: PointFlowModel, batch: int, points: int, device: str, rep
         times.append(time.perf_counter() - t0)
         nfe.append(sum(c.func.num_evals for c in cnfs))
     times, nfe = times[1:] or times, nfe[1:] or nfe
-    return {"step_s": sorted(times)[len(times) // 2], "nfe": sum(nfe) / len(nfe), "peak_mb": peak_mb(device)}
+    return {"step_s": sorted(times)[len(times) // 2], "nfe": sum(nfe) / len(nfe), "peak_mb": peak_memory_mb(device)}
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ VideoFlow (Kumar et al. 2020) reports 1.87 bits per pixel on BAIR and real-time 
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,22 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.videoflow.model import VideoFlowModel  # noqa: E402
+from core.benchmark import peak_memory_mb, sync
 
 SIZES = {  # conf/videoflow/model/videoflow.yaml and experiment=paper
     "small": dict(steps=4, hidden=32, prior_hidden=32, prior_blocks=1, bits=5),
     "paper": dict(steps=24, hidden=512, prior_hidden=256, prior_blocks=5, bits=8),
 }
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(size_name: str, channels: int, size: int, device: str) -> VideoFlowModel:
@@ -64,7 +53,7 @@ def bench_train(model: VideoFlowModel, batch: int, frames: int, device: str, rep
         sync(device)
         times.append(time.perf_counter() - t0)
     times = times[1:]
-    return {"step_s": sorted(times)[len(times) // 2], "peak_mb": peak_mb(device)}
+    return {"step_s": sorted(times)[len(times) // 2], "peak_mb": peak_memory_mb(device)}
 
 
 @torch.no_grad()
