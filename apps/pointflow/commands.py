@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from apps.pointflow import metrics as M
 from apps.pointflow.io import CLOUD_SUFFIXES, read_cloud, read_cloud_folder, write_ply
 from apps.pointflow.plots import render_clouds
+from core.metrics import nats_to_bits_per_dim
 from core.training import fit, load_checkpoint
 from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
@@ -221,7 +221,7 @@ def _test_elbo(module, ref: torch.Tensor, cfg: DictConfig) -> dict:
         total += float((t["recon"] + t["prior"] - t["entropy"]).sum())
         n += len(x)
     nelbo = total / n
-    return {"test_neg_elbo_nats": nelbo, "test_bits_per_point": nelbo / (ref.shape[1] * math.log(2))}
+    return {"test_neg_elbo_nats": nelbo, "test_bits_per_point": nats_to_bits_per_dim(nelbo, ref.shape[1])}
 
 
 def _paper_units(key: str, value) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from apps.pointflow.io import write_ply
 from apps.pointflow.plots import render_clouds
 from core.flows.continuous import regularization_loss
+from core.metrics import nats_to_bits_per_dim
 from core.training import FlowModule
 from core.training.media import log_image, log_point_cloud
 
@@ -65,7 +65,7 @@ class PointFlowModule(FlowModule):
         n = batch["x"].shape[1]
         recon = terms["nll"].detach() / self.weights["recon"] if self.weights["recon"] else terms["nll"].detach()
         return {
-            "bits_per_point": recon / (n * math.log(2)),
+            "bits_per_point": nats_to_bits_per_dim(recon, n),
             "prior_nats_per_dim": terms["prior"].detach() / max(self.weights["prior"], 1e-12) / self.model.zdim,
         }
 

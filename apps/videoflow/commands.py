@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from apps.videoflow.data import load_input_clips
 from apps.videoflow.media import write_gif, write_mp4, write_strip
 from apps.videoflow.metrics import best_of_n
 from apps.videoflow.model import from_nbit, to_nbit
-from core.metrics import nats_to_bits_per_dim
+from core.metrics import mean_and_stderr, nats_to_bits_per_dim
 from core.training import fit, load_checkpoint
 from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
@@ -107,14 +106,15 @@ def evaluate(cfg: DictConfig) -> dict:
                 for key in scores:
                     scores[key].append(s[key].cpu() if key in ("psnr", "ssim") else s[key].cpu()[None] * len(x))
     nll_t = torch.cat(nll)
+    nll_mean, nll_stderr = mean_and_stderr(nll_t)
     result = {
         "n_videos": n,
         "context_frames": k,
         "target_frames": int(dims // ds[0][0].numel()),
         "bits": model.bits,
-        "test_nll_nats": float(nll_t.mean()),
-        "test_bpd": float(nats_to_bits_per_dim(nll_t.mean(), dims)),
-        "test_bpd_stderr": float(nll_t.std() / math.sqrt(len(nll_t)) / (dims * math.log(2))) if n > 1 else float("nan"),
+        "test_nll_nats": nll_mean,
+        "test_bpd": nats_to_bits_per_dim(nll_mean, dims),
+        "test_bpd_stderr": nats_to_bits_per_dim(nll_stderr, dims),  # NaN for a single clip
     }
     if cfg.num_samples:
         result.update(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from apps.waveflow.audio import AudioError, MelConfig, MelSpectrogram, load_wav, save_wav
 from apps.waveflow.metrics import mel_cepstral_distortion, mel_l1
 from apps.waveflow.model import WaveFlow
+from core.metrics import nats_to_bits_per_dim
 from core.training import fit, load_checkpoint
 from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
@@ -201,7 +201,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "dtype": str(next(model.parameters()).dtype),
         "audio_seconds": seconds,
     }
-    result["test_bits_per_sample"] = -result["test_ll_per_sample_nats"] / math.log(2)
+    result["test_bits_per_sample"] = nats_to_bits_per_dim(-result["test_ll_per_sample_nats"], 1)
     write_json(out / "metrics.json", {**result, "per_utterance": per})
     print_metrics(f"WaveFlow evaluation ({n} utterances, {seconds:.1f} s of audio)", result, fmt=".6g")
     return result
