@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.flows import Squeeze, UniformDequantization
+from core.flows.affine import affine_forward, affine_inverse, bound_log_scale, check_scale_bound
 from core.flows.base import Flow, sum_except_batch
 from core.nn import ConvNet
 from core.presets import glow
@@ -127,7 +128,8 @@ class TemporalGaussian(Flow):
     Network: a 3-D convolution (K x 3 x 3) over the K previous latents (+ indicator), ReLU, then
     :class:`core.nn.ConvNet` (3x3 conv on the features with the context concatenated, residual blocks,
     zero-initialised 3x3 output conv) per time step. ``latent_skip``: ``mu = z_{t-1} + f``.
-    ``log sigma = bound * tanh(raw / bound)``.
+    ``log sigma`` is bounded by :func:`core.flows.affine.bound_log_scale` (``scale="tanh"``:
+    ``scale_bound * tanh(raw / scale_bound)``).
     """
 
     def __init__(
@@ -139,12 +141,14 @@ class TemporalGaussian(Flow):
         blocks: int = 2,
         latent_skip: bool = True,
         scale_bound: float = 5.0,
+        scale: str = "tanh",
     ) -> None:
         super().__init__()
         if num_cond < 1:
             raise ValueError(f"TemporalGaussian: num_cond must be >= 1, got {num_cond}")
         self.channels, self.context_channels, self.num_cond = channels, context_channels, num_cond
         self.latent_skip, self.scale_bound = latent_skip, scale_bound
+        self.scale = check_scale_bound(scale, scale_bound)
         self.temporal = nn.Conv3d(channels + 1, hidden, (num_cond, 3, 3), padding=(0, 1, 1))
         self.net = ConvNet(hidden, 2 * channels, hidden, blocks, context_channels)
 
@@ -168,7 +172,7 @@ class TemporalGaussian(Flow):
         if self.latent_skip:
             prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)
             mean = mean + prev
-        return mean, self.scale_bound * torch.tanh(raw / self.scale_bound)
+        return mean, bound_log_scale(raw, self.scale, self.scale_bound)
 
     def step(self, history: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and log-scale (B, C, H, W) of the next latent given ``history`` (B, k, C, H, W) of the k >= 0 latents
@@ -185,20 +189,20 @@ class TemporalGaussian(Flow):
         mean, raw = self.net(feats, context).chunk(2, dim=1)
         if self.latent_skip and k > 0:
             mean = mean + window[:, -1]
-        return mean, self.scale_bound * torch.tanh(raw / self.scale_bound)
+        return mean, bound_log_scale(raw, self.scale, self.scale_bound)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        mean, log_sigma = self.params(z, context)
-        return (z - mean) * torch.exp(-log_sigma), -sum_except_batch(log_sigma)
+        eps, ld = affine_inverse(z, *self.params(z, context))  # standardise: eps = (z - mu) / sigma
+        return eps, sum_except_batch(ld)
 
     def inverse(self, eps: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         zs: list[Tensor] = []
         logdet = eps.new_zeros(eps.shape[0])
         for t in range(eps.shape[1]):
             history = torch.stack(zs[-self.num_cond :], dim=1) if zs else eps.new_zeros(eps.shape[0], 0, *eps.shape[2:])
-            mean, log_sigma = self.step(history, None if context is None else context[:, t])
-            zs.append(eps[:, t] * log_sigma.exp() + mean)
-            logdet = logdet + sum_except_batch(log_sigma)
+            z_t, ld = affine_forward(eps[:, t], *self.step(history, None if context is None else context[:, t]))
+            zs.append(z_t)
+            logdet = logdet + sum_except_batch(ld)
         return torch.stack(zs, dim=1), logdet
 
 
@@ -249,9 +253,9 @@ class VideoFlowTransform(Flow):
         zs, hs, logdet = self.encode(video)
         eps_levels = []
         for prior, z, h in zip(self.priors, zs, hs):
-            mean, log_sigma = prior.params(z, h)
-            eps_levels.append(((z - mean) * torch.exp(-log_sigma)).reshape(b * t, *z.shape[2:]))
-            logdet = logdet - log_sigma.reshape(b, t, -1).sum(-1)
+            eps, ld = affine_inverse(z, *prior.params(z, h))
+            eps_levels.append(eps.reshape(b * t, *z.shape[2:]))
+            logdet = logdet + ld.reshape(b, t, -1).sum(-1)
         eps = self.glow.merge_levels(eps_levels).reshape(video.shape)
         return eps, logdet
 
@@ -267,9 +271,8 @@ class VideoFlowTransform(Flow):
         logdet = eps_levels[0].new_zeros(eps_levels[0].shape[0])
         h = None
         for level in range(levels - 1, -1, -1):
-            mean, log_sigma = self.priors[level].step(history[level], h)
-            zs[level] = eps_levels[level] * log_sigma.exp() + mean
-            logdet = logdet + sum_except_batch(log_sigma)
+            zs[level], ld = affine_forward(eps_levels[level], *self.priors[level].step(history[level], h))
+            logdet = logdet + sum_except_batch(ld)
             s = zs[level] if h is None else torch.cat([h, zs[level]], dim=1)
             h = self.glow.unsqueeze(s) if level > 0 else None
         return zs, logdet

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.distributions import FlowModel
+from core.flows.affine import affine_forward, affine_inverse
 from core.flows.base import Flow, Sequential
 
 __all__ = [
@@ -270,8 +271,8 @@ class WaveFlowLayer(Flow):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         xp, cp = self._permute(x, context)
         log_s, t = self._params(xp, cp)
-        z = xp * torch.exp(log_s) + t
-        return self._unpermute(z), log_s.flatten(1).sum(1)
+        z, ld = affine_forward(xp, t, log_s)  # unbounded log-scale (scale "none"), as the paper
+        return self._unpermute(z), ld.flatten(1).sum(1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Fast exact inverse: ``h`` steps, each computing one row of every layer from the cached rows above."""
@@ -283,9 +284,9 @@ class WaveFlowLayer(Flow):
         for i in range(height):
             params = self.net.step(prev, None if cp is None else cp[:, :, i : i + 1], caches)
             log_s, t = params[:, 0], params[:, 1]  # (B, 1, W)
-            x_row = (zp[:, i : i + 1] - t) * torch.exp(-log_s)
+            x_row, ld = affine_inverse(zp[:, i : i + 1], t, log_s)
             rows.append(x_row)
-            logdet = logdet - log_s.flatten(1).sum(1)
+            logdet = logdet + ld.flatten(1).sum(1)
             prev = x_row[:, None]
         return self._unpermute(torch.cat(rows, dim=1)), logdet
 
@@ -296,9 +297,9 @@ class WaveFlowLayer(Flow):
         logdet = zp.new_zeros(zp.shape[0])
         for i in range(self.height):
             log_s, t = self._params(xp, cp)
-            row = (zp[:, i] - t[:, i]) * torch.exp(-log_s[:, i])
+            row, ld = affine_inverse(zp[:, i], t[:, i], log_s[:, i])
             xp = torch.cat([xp[:, :i], row[:, None], xp[:, i + 1 :]], dim=1)
-            logdet = logdet - log_s[:, i].sum(1)
+            logdet = logdet + ld.sum(1)
         return self._unpermute(xp), logdet
 
 

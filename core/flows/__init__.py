@@ -1,5 +1,6 @@
 """Invertible flows sharing one interface: ``forward(x, context) -> (z, logdet)`` and ``inverse``."""
 
+from core.flows.affine import SCALE_BOUNDS, affine_forward, affine_inverse, bound_log_scale
 from core.flows.autoregressive import MADE, MaskedAffineAutoregressive
 from core.flows.base import Flow, Inverse, Sequential, sum_except_batch
 from core.flows.conditional import ConditionalAffine
@@ -21,6 +22,10 @@ __all__ = [
     "Sequential",
     "Inverse",
     "sum_except_batch",
+    "SCALE_BOUNDS",
+    "bound_log_scale",
+    "affine_forward",
+    "affine_inverse",
     "ElementwiseAffine",
     "ConditionalAffine",
     "Logit",

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.flows.affine import affine_forward, affine_inverse, bound_log_scale, check_scale_bound
 from core.flows.base import Flow
-from core.flows.coupling import bounded_log_scale
 from core.nn.mlp import activation
 
 __all__ = ["MADE", "MaskedLinear", "MaskedAffineAutoregressive"]
@@ -106,6 +106,9 @@ class MaskedAffineAutoregressive(Flow):
 
     * ``mode="maf"``: ``forward`` (density) is parallel, ``inverse`` (sampling) sequential.
     * ``mode="iaf"``: ``inverse`` (sampling) is parallel, ``forward`` (density) sequential.
+
+    ``s`` is bounded by :func:`core.flows.affine.bound_log_scale` (``scale="tanh"`` with ``|s| < bound`` by
+    default, ``"sigmoid"`` or ``"none"``).
     """
 
     def __init__(
@@ -117,30 +120,31 @@ class MaskedAffineAutoregressive(Flow):
         mode: str = "maf",
         scale: str = "tanh",
         act: str = "relu",
+        bound: float = 3.0,
     ) -> None:
         super().__init__()
         if mode not in ("maf", "iaf"):
             raise ValueError(f"mode must be 'maf' or 'iaf', got {mode!r}")
-        self.mode, self.scale = mode, scale
+        self.mode, self.scale, self.bound = mode, check_scale_bound(scale, bound), bound
         self.made = MADE(features, hidden, 2, context_features, order, act)
         self.register_buffer("generation_order", torch.argsort(self.made.degrees))
 
     def _shift_log_scale(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         shift, raw = self.made(u, context).unbind(1)
-        return shift, bounded_log_scale(raw, self.scale)
+        return shift, bound_log_scale(raw, self.scale, self.bound)
 
     def _parallel(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        shift, log_scale = self._shift_log_scale(u, context)
-        return u * log_scale.exp() + shift, log_scale.sum(dim=1)
+        w, log_scale = affine_forward(u, *self._shift_log_scale(u, context))
+        return w, log_scale.sum(dim=1)
 
     def _sequential(self, w: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         u = torch.zeros_like(w)
         logdet = w.new_zeros(w.shape[0])
         for i in self.generation_order.tolist():
             shift, log_scale = self._shift_log_scale(u, context)
-            ui = (w[:, i] - shift[:, i]) * torch.exp(-log_scale[:, i])
+            ui, ld = affine_inverse(w[:, i], shift[:, i], log_scale[:, i])
             u = torch.cat([u[:, :i], ui[:, None], u[:, i + 1 :]], dim=1)
-            logdet = logdet - log_scale[:, i]
+            logdet = logdet + ld
         return u, logdet
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -15,9 +15,9 @@ References:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.flows.affine import affine_forward, affine_inverse, bound_log_scale, check_scale_bound
 from core.flows.base import Flow, sum_except_batch
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "checkerboard_mask",
     "AdditiveCoupling",
     "AffineCoupling",
-    "bounded_log_scale",
 ]
 
 
@@ -54,21 +53,6 @@ def checkerboard_mask(*spatial: int, parity: int = 0) -> Tensor:
     """
     grids = torch.meshgrid(*[torch.arange(s) for s in spatial], indexing="ij")
     return (sum(grids) % 2 == parity).unsqueeze(0)
-
-
-def bounded_log_scale(raw: Tensor, kind: str, bound: float = 3.0) -> Tensor:
-    """Stable log-scale from an unconstrained network output.
-
-    ``tanh``: ``bound * tanh(raw / bound)`` (soft clamp to (-bound, bound), identity near zero);
-    ``sigmoid``: ``log sigmoid(raw + 2)`` (Glow; scales in (0, 1)); ``exp``: unbounded ``raw``.
-    """
-    if kind == "tanh":
-        return bound * torch.tanh(raw / bound)
-    if kind == "sigmoid":
-        return F.logsigmoid(raw + 2.0)
-    if kind == "exp":
-        return raw
-    raise ValueError(f"unknown scale kind {kind!r}; choose tanh, sigmoid or exp")
 
 
 class _Coupling(Flow):
@@ -144,24 +128,22 @@ class AdditiveCoupling(_Coupling):
 class AffineCoupling(_Coupling):
     """RealNVP: ``z_B = x_B * exp(s) + t`` with ``(t, s_raw) = conditioner(x_A, context)``.
 
-    The conditioner outputs 2x the transformed features: shifts first, raw log-scales second; the log-scale
-    is bounded with :func:`bounded_log_scale` (``scale="tanh"`` by default, ``"sigmoid"`` as Glow).
+    The conditioner outputs 2x the transformed features: shifts first, raw log-scales second. The log-scale is
+    bounded by :func:`core.flows.affine.bound_log_scale`: ``scale="tanh"`` (default, ``|s| < bound``),
+    ``"sigmoid"`` (Glow) or ``"none"``.
     """
 
     num_params = 2
 
     def __init__(self, mask: Tensor, conditioner: nn.Module, scale: str = "tanh", bound: float = 3.0) -> None:
         super().__init__(mask, conditioner)
-        bounded_log_scale(torch.zeros(1), scale)  # validate the name now, not at the first batch
-        self.scale = scale
+        self.scale = check_scale_bound(scale, bound)
         self.bound = bound
 
     def _map(self, x: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         shift, raw = params
-        log_scale = bounded_log_scale(raw, self.scale, self.bound)
-        return x * log_scale.exp() + shift, log_scale
+        return affine_forward(x, shift, bound_log_scale(raw, self.scale, self.bound))
 
     def _unmap(self, y: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         shift, raw = params
-        log_scale = bounded_log_scale(raw, self.scale, self.bound)
-        return (y - shift) * torch.exp(-log_scale), -log_scale
+        return affine_inverse(y, shift, bound_log_scale(raw, self.scale, self.bound))

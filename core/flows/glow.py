@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from core.flows.affine import affine_forward, affine_inverse, bound_log_scale, check_scale_bound
 from core.flows.base import Flow, Sequential, sum_except_batch
 from core.flows.coupling import AdditiveCoupling, AffineCoupling, channel_mask
 from core.flows.elementwise import ActNorm
@@ -100,13 +101,15 @@ class Split(Flow):
     ``inner`` must preserve shape (end a squeezed level with ``Inverse(Squeeze())``), so the latent has the
     shape of the input and the whole multi-scale flow is one ``Flow`` over a single tensor.
 
-    ``prior`` maps (x1, context) to 2 * C2 channels (means, then raw log-scales).
+    ``prior`` maps (x1, context) to 2 * C2 channels (means, then raw log-scales); ``log_sigma`` is bounded by
+    :func:`core.flows.affine.bound_log_scale` (``scale="tanh"``, ``|log_sigma| < bound``, by default).
     """
 
-    def __init__(self, inner: Flow, prior: nn.Module | None = None) -> None:
+    def __init__(self, inner: Flow, prior: nn.Module | None = None, scale: str = "tanh", bound: float = 3.0) -> None:
         super().__init__()
         self.inner = inner
         self.prior = prior
+        self.scale, self.bound = check_scale_bound(scale, bound), bound
 
     @staticmethod
     def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,7 +118,7 @@ class Split(Flow):
 
     def _gaussian(self, x1: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         mean, raw = self.prior(x1, context).chunk(2, dim=1)
-        return mean, 3.0 * torch.tanh(raw / 3.0)
+        return mean, bound_log_scale(raw, self.scale, self.bound)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x1, x2 = self._halves(x)
@@ -124,8 +127,8 @@ class Split(Flow):
             raise ValueError(f"Split: inner flow must preserve shape, {tuple(x1.shape)} -> {tuple(z1.shape)}")
         if self.prior is not None:
             mean, log_sigma = self._gaussian(x1, context)
-            x2 = (x2 - mean) * torch.exp(-log_sigma)
-            logdet = logdet - sum_except_batch(log_sigma)
+            x2, ld = affine_inverse(x2, mean, log_sigma)  # standardise: z2 = (x2 - mu) / sigma
+            logdet = logdet + sum_except_batch(ld)
         return torch.cat([z1, x2], dim=1), logdet
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -133,8 +136,8 @@ class Split(Flow):
         x1, logdet = self.inner.inverse(z1, context)
         if self.prior is not None:
             mean, log_sigma = self._gaussian(x1, context)
-            z2 = z2 * log_sigma.exp() + mean
-            logdet = logdet + sum_except_batch(log_sigma)
+            z2, ld = affine_forward(z2, mean, log_sigma)
+            logdet = logdet + sum_except_batch(ld)
         return torch.cat([x1, z2], dim=1), logdet
 
 
