@@ -19,7 +19,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["CONF_DIR", "main", "compose", "dedupe_overrides", "split_flags"]
+from core.config_checks import ConfigValueError
+from core.rundir import RunDirError, claim_run_dir, is_worker_rank
+
+__all__ = ["CONF_DIR", "main", "compose", "check_invocation", "dedupe_overrides", "split_flags"]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SHARED_GROUPS = ("trainer", "logger", "callbacks")
@@ -80,13 +83,48 @@ def _searchpath_override() -> str:
     return f"hydra.searchpath=[file://{CONF_DIR}]"
 
 
+def _identity_overrides(app: str, command: str) -> list[str]:
+    """``app`` and ``command`` are facts of the invocation, set here rather than in each command config."""
+    return [f"app={app}", f"command={command}"]
+
+
 def compose(app: str, command: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config a command would run with (for tests and notebooks): ``compose("density2d", "train", [...])``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(str(CONF_DIR / app), version_base="1.3"):
-        return hydra_compose(command, overrides=[_searchpath_override(), *overrides])
+        identity = _identity_overrides(app, command)
+        return hydra_compose(command, overrides=[_searchpath_override(), *identity, *overrides])
+
+
+def _is_group_choice(app: str, arg: str) -> bool:
+    """``trainer=ddp``, ``+experiment=paper``: a config-group selection rather than a value."""
+    key = arg.split("=", 1)[0].lstrip("+~")
+    return "=" in arg and ((CONF_DIR / key).is_dir() or (CONF_DIR / app / key).is_dir())
+
+
+def check_invocation(app: str, command: str, overrides: Sequence[str]) -> None:
+    """Everything that can be refused before Hydra creates a run dir: wrong value types, impossible counts, and an
+    explicit ``hydra.run.dir`` that holds another run's outputs (Hydra would overwrite its ``.hydra/`` config)."""
+    from core.config_checks import check_config, check_override_types
+    from core.rundir import check_run_dir, is_worker_rank
+
+    ours = [a for a in overrides if "=" in a and not a.lstrip("+~").startswith("hydra.")]
+    groups = [a for a in ours if _is_group_choice(app, a)]
+    defaults = compose(app, command, groups)
+    given = compose(app, command, ours)
+    check_override_types([a for a in ours if a not in groups], defaults, given)
+    check_config(given)
+    if is_worker_rank():
+        return
+    for a in overrides:
+        if a.startswith("hydra.run.dir="):
+            run_dir = Path(a.split("=", 1)[1]).expanduser()
+            if check_run_dir(run_dir, app, command, bool(given.get("overwrite"))):
+                from core.rundir import claim_run_dir
+
+                claim_run_dir(run_dir, app, command, overwrite=True)  # clears the earlier run of this command
 
 
 def _choices(folder: Path) -> list[str]:
@@ -138,18 +176,27 @@ def main(
     if not (CONF_DIR / app / f"{command}.yaml").is_file():
         sys.exit(f"apps.{app}: missing config {CONF_DIR / app / f'{command}.yaml'}")
 
+    flags, overrides = split_flags(rest)
+    if not any(f in flags for f in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "-m", "--multirun")):
+        try:
+            check_invocation(app, command, overrides)
+        except (ConfigValueError, RunDirError) as e:
+            sys.exit(f"apps.{app} {command}: {e}")
+
     original_argv = list(sys.argv)
     result: dict[str, Any] = {}
 
     def task(cfg: DictConfig) -> Any:
         sys.argv = original_argv  # DDP worker ranks are launched from sys.argv: they must see the command
+        if not is_worker_rank():
+            claim_run_dir(cfg.output_dir, app, command, overwrite=bool(cfg.get("overwrite")))
         result["value"] = commands[command](cfg)
         return result["value"]
 
     task.__name__ = f"{app}_{command}"
     runner = hydra.main(config_path=str(CONF_DIR / app), config_name=command, version_base="1.3")(task)
-    flags, overrides = split_flags(rest)
-    sys.argv = [original_argv[0] if original_argv else app, *flags, _searchpath_override(), *overrides]
+    identity = _identity_overrides(app, command)
+    sys.argv = [original_argv[0] if original_argv else app, *flags, _searchpath_override(), *identity, *overrides]
     try:
         runner()
     finally:

@@ -95,9 +95,9 @@ def main() -> None:
                 rate, atoms_per = bench_sample(model, sb, device, max(sb, args.sample_total if sb > 1 else 16))
                 rows.append((device, f"{data}/{size} untrained", f"sample b={sb}", f"{rate:.1f}", f"{atoms_per:.1f}"))
         if args.ckpt:
-            from core.training import load_checkpoint
+            from core.training import restore
 
-            module, _ = load_checkpoint(args.ckpt, map_location=device)
+            module = restore(args.ckpt, app="graphaf", map_location=device).module
             model = module.eval_model
             for sb in (1, 64, 512):
                 rate, atoms_per = bench_sample(model, sb, device, max(sb, args.sample_total if sb > 1 else 16))

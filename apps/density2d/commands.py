@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from apps.density2d.data import DATASETS, Toy2DDataModule, true_log_prob
+from apps.density2d.data import DATASETS, true_log_prob
 from apps.density2d.plots import plot_density
 from core.metrics import mean_and_stderr, nats_to_bits_per_dim
-from core.training import fit, load_checkpoint
+from core.training import fit, restore
 from core.training.reporting import print_metrics
 from core.training.runner import write_json
 
@@ -36,7 +36,7 @@ def train(cfg: DictConfig) -> dict:
 
 def sample(cfg: DictConfig) -> Path:
     """Draw ``n`` samples from a checkpoint: samples.npy and samples.png."""
-    module, _ = load_checkpoint(cfg.ckpt)
+    module = restore(cfg.ckpt, app=cfg.app).module
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
         x = module.eval_model.sample(cfg.n, temperature=cfg.temperature).numpy()
@@ -56,10 +56,7 @@ def sample(cfg: DictConfig) -> Path:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test NLL (nats and bits/dim, with standard error) of a checkpoint, and the gap to the true entropy."""
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt)
-    data_cfg = OmegaConf.to_container(ckpt_cfg.data)
-    data_cfg.pop("_target_", None)
-    dm = Toy2DDataModule(**data_cfg)
+    module, _, dm = restore(cfg.ckpt, {"data": cfg.get("data")}, app=cfg.app)
     dm.setup()
     x = dm.splits[cfg.split]
     with torch.no_grad():

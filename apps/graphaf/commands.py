@@ -20,7 +20,7 @@ from apps.graphaf.data import MoleculeDataModule, graphs_to_batch, read_smiles
 from apps.graphaf.metrics import generation_metrics, property_metrics, property_table
 from apps.graphaf.module import draw_grid
 from apps.graphaf.optimize import optimize
-from core.training import fit, load_checkpoint
+from core.training import fit, restore
 from core.training.media import log_image, log_table
 from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
@@ -93,8 +93,8 @@ def _write_smiles(path: Path, smiles: list[str]) -> None:
 
 
 def _load(cfg: DictConfig):
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=resolve_device(cfg.get("device")))
-    return module, module.eval_model.eval(), ckpt_cfg
+    restored = restore(cfg.ckpt, app=cfg.app, map_location=resolve_device(cfg.get("device")))
+    return restored.module, restored.module.eval_model.eval(), restored.cfg
 
 
 def _wandb_shim(cfg: DictConfig) -> Any:

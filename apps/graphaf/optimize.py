@@ -45,7 +45,7 @@ from tqdm import tqdm
 from apps.graphaf.chem import NUM_BOND_TYPES, MolGraph, canonical_smiles, graph_to_mol, penalized_logp, qed
 from apps.graphaf.data import graphs_to_batch
 from apps.graphaf.model import GraphAF
-from core.training import load_checkpoint
+from core.training import restore
 from core.training.reporting import resolve_device
 from core.training.runner import write_json
 
@@ -309,7 +309,8 @@ def optimize(cfg: DictConfig) -> dict:
         raise ValueError("ckpt: give the trained GraphAF checkpoint (file or run directory) to fine-tune")
     torch.manual_seed(cfg.seed)
     dev = resolve_device(cfg.get("device"))
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=dev)
+    restored = restore(cfg.ckpt, app=cfg.app, map_location=dev)
+    module, ckpt_cfg = restored.module, restored.cfg
     policy: GraphAF = module.eval_model.eval()
     r = cfg.reward
     reward = PropertyReward(

@@ -15,7 +15,7 @@ from apps.pointflow import metrics as M
 from apps.pointflow.io import CLOUD_SUFFIXES, read_cloud, read_cloud_folder, write_ply
 from apps.pointflow.plots import render_clouds
 from core.metrics import nats_to_bits_per_dim
-from core.training import fit, load_checkpoint
+from core.training import fit, restore
 from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
 
@@ -39,8 +39,8 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _load(cfg: DictConfig):
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=resolve_device(cfg.get("device")))
-    return module, ckpt_cfg
+    restored = restore(cfg.ckpt, app=cfg.app, map_location=resolve_device(cfg.get("device")))
+    return restored.module, restored.cfg
 
 
 def sample(cfg: DictConfig) -> Path:

@@ -30,6 +30,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
+from core.paths import REPO_ROOT, resolve_path
+
 __all__ = [
     "SHAPENET_CATEGORIES",
     "SPLITS",
@@ -44,7 +46,6 @@ __all__ = [
     "PointCloudDataModule",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = REPO_ROOT / "data" / "cache" / "pointflow"
 
 # ShapeNetCore.v2 category names -> synset ids, as PointFlow's ``cate_to_synsetid`` (from latent_3d_points).
@@ -715,14 +716,6 @@ def conversion_info(out_root: str | Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- datamodule
 
 
-def _resolve_path(p: str | Path) -> Path:
-    """``p`` as given if it exists (or is absolute), else relative to the repository root."""
-    p = Path(p).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
-
 
 class PointCloudDataModule(pl.LightningDataModule):
     """PC15k train/val/test sets of some categories, from a PC15k tree or converted meshes / voxel grids.
@@ -765,7 +758,7 @@ class PointCloudDataModule(pl.LightningDataModule):
     @property
     def input_path(self) -> Path:
         """``root``, resolved against the repository root when it does not exist from the current directory."""
-        return _resolve_path(self.root)
+        return resolve_path(self.root)
 
     @property
     def data_root(self) -> Path:

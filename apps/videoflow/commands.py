@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from apps.videoflow.data import load_input_clips
@@ -16,7 +15,7 @@ from apps.videoflow.media import write_gif, write_mp4, write_strip
 from apps.videoflow.metrics import best_of_n
 from apps.videoflow.model import from_nbit, to_nbit
 from core.metrics import mean_and_stderr, nats_to_bits_per_dim
-from core.training import fit, load_checkpoint
+from core.training import fit, restore
 from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
 
@@ -28,11 +27,9 @@ def train(cfg: DictConfig) -> dict:
     return fit(cfg).metrics
 
 
-def _datamodule(cfg: DictConfig, ckpt_cfg: DictConfig):
-    """The checkpoint's data config with any ``data.*`` given on the command line merged over it."""
-    dm = instantiate(OmegaConf.merge(ckpt_cfg.data, cfg.get("data") or {}))
-    dm.setup("test")
-    return dm
+def _restore(cfg: DictConfig):
+    """The checkpoint's module and run config (``data.*`` from the command line merged over it), and its datamodule."""
+    return restore(cfg.ckpt, {"data": cfg.get("data")}, app=cfg.app, map_location=resolve_device(cfg.get("device")))
 
 
 def _write_videos(out: Path, name: str, context: np.ndarray, futures: np.ndarray, truth: np.ndarray | None, fps: float):
@@ -49,7 +46,8 @@ def _write_videos(out: Path, name: str, context: np.ndarray, futures: np.ndarray
 def predict(cfg: DictConfig) -> Path:
     """Sample ``num_samples`` futures of ``steps`` frames for every input clip (``input=`` a video, an array file or
     a folder; without it the first ``num_videos`` test clips of the checkpoint's data): GIF, MP4 and PNG strip."""
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=resolve_device(cfg.get("device")))
+    restored = _restore(cfg)
+    module, ckpt_cfg = restored.module, restored.cfg
     model = module.eval_model.eval()
     k = model.context_frames
     steps = cfg.steps or ckpt_cfg.data.target_frames
@@ -61,7 +59,9 @@ def predict(cfg: DictConfig) -> Path:
         clips = clips[: cfg.num_videos] if cfg.num_videos else clips
         names = names[: len(clips)]
     else:
-        ds = _datamodule(cfg, ckpt_cfg).test_set
+        dm = restored.datamodule
+        dm.setup("test")
+        ds = dm.test_set
         n = min(len(ds), cfg.num_videos or len(ds))
         truth = torch.stack([ds[i] for i in range(n)]).numpy()
         clips, names = truth[:, :k], [f"test_{i:04d}" for i in range(n)]
@@ -82,9 +82,9 @@ def predict(cfg: DictConfig) -> Path:
 def evaluate(cfg: DictConfig) -> dict:
     """Test-set bits per pixel of the target frames (uniform-dequantisation bound, averaged over ``bpd_draws``
     noise draws) and best-of-``num_samples`` PSNR / SSIM of sampled futures at ``temperature``."""
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location=resolve_device(cfg.get("device")))
+    module, _, dm = _restore(cfg)
     model = module.eval_model.eval()
-    dm = _datamodule(cfg, ckpt_cfg)
+    dm.setup("test")
     ds = dm.test_set
     n = min(len(ds), cfg.max_videos or len(ds))
     k = model.context_frames

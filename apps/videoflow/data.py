@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from core.paths import resolve_path
+
 __all__ = [
     "SOURCES",
     "VIDEO_SUFFIXES",
@@ -43,7 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("stochastic_movement", "moving_mnist", "arrays", "videos")
 VIDEO_SUFFIXES = (".mp4", ".gif", ".avi")
 DEFAULT_DIGITS = "data/videoflow/mnist_digits_dev.npz"
@@ -52,14 +53,6 @@ DEFAULT_DIGITS = "data/videoflow/mnist_digits_dev.npz"
 _COLOURS = np.array([[0, 0, 255], [0, 128, 0], [255, 0, 0], [0, 191, 191], [191, 0, 191], [191, 191, 0]], np.uint8)
 _DIRECTIONS = np.array([[1, 1], [1, 0], [1, -1], [0, 1], [0, -1], [-1, 1], [-1, 0], [-1, -1]], np.float64)
 
-
-def resolve_path(p: str | Path) -> Path:
-    """``p`` as given if it exists (or is absolute), else relative to the repository root."""
-    p = Path(p).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
 
 
 # ---- generated sets -------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from apps.waveflow.audio import AudioError, MelConfig, MelSpectrogram, load_wav,
 from apps.waveflow.metrics import mel_cepstral_distortion, mel_l1
 from apps.waveflow.model import WaveFlow
 from core.metrics import nats_to_bits_per_dim
-from core.training import fit, load_checkpoint
+from core.training import fit, restore
 from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
 
@@ -65,7 +65,8 @@ def train(cfg: DictConfig) -> dict:
 
 def _load(cfg: DictConfig) -> tuple[WaveFlow, DictConfig, MelConfig, torch.device]:
     device = resolve_device(cfg.get("device"))
-    module, ckpt_cfg = load_checkpoint(cfg.ckpt, map_location="cpu")
+    restored = restore(cfg.ckpt, app=cfg.app)
+    module, ckpt_cfg = restored.module, restored.cfg
     model = prepare_for_inference(
         module.eval_model, device, _dtype(cfg.get("precision", "auto"), device), cfg.get("compile", False)
     )

@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from apps.waveflow.audio import AudioError, MelConfig, MelSpectrogram, load_wav
+from core.paths import resolve_path
 
-__all__ = ["Utterance", "find_utterances", "split_utterances", "SegmentDataset", "SpeechDataModule", "resolve_path"]
+__all__ = ["Utterance", "find_utterances", "split_utterances", "SegmentDataset", "SpeechDataModule"]
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SPLITS = ("train", "val", "test")
 
 
@@ -38,13 +38,6 @@ class Utterance:
     path: Path
     text: str = ""
 
-
-def resolve_path(path: str | Path) -> Path:
-    """``path`` as given, or relative to the repository root when it does not exist from the working directory."""
-    p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
-    return p
 
 
 def find_utterances(root: str | Path) -> list[Utterance]:

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DistributedSampler
 
 from core.flows.continuous import regularization_loss
 from core.metrics import nats_to_bits_per_dim
@@ -61,6 +62,7 @@ class FlowModule(pl.LightningModule):
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self.run_config: dict | None = None  # the resolved config, stored in every checkpoint
+        self._eval_seen = 0  # evaluation samples this rank has seen in the current epoch (DDP padding)
 
     # ---- what apps override -------------------------------------------------------------------------------
     def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -122,23 +124,71 @@ class FlowModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        terms = self.loss_terms(batch, self.eval_model)
-        x, _ = self.unpack_batch(batch)
-        bs = x.shape[0]
-        for k, v in terms.items():
-            self.log(f"val/{k}", v, sync_dist=True, batch_size=bs, prog_bar=(k == "nll"))
-        self.log("val/bpd", nats_to_bits_per_dim(terms["nll"], self.num_dims(x)), sync_dist=True, batch_size=bs)
-        for k, v in self.extra_metrics(batch, terms).items():
-            self.log(f"val/{k}", v, sync_dist=True, batch_size=bs)
+        self._evaluation_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def _evaluation_step(self, batch: Any, stage: str) -> None:
+        """Log the loss terms as exact means over the evaluation set: every sample counted once, also under DDP
+        (where Lightning's sampler pads each rank with repeated samples) and whatever the batch sizes."""
+        full = self._batch_size(batch)
+        n_real = self._real_samples(full)
+        if 0 < n_real < full:
+            batch = self.slice_batch(batch, n_real)
         terms = self.loss_terms(batch, self.eval_model)
         x, _ = self.unpack_batch(batch)
-        bs = x.shape[0]
-        self.log("test/nll", terms["nll"], sync_dist=True, batch_size=bs)
-        self.log("test/bpd", nats_to_bits_per_dim(terms["nll"], self.num_dims(x)), sync_dist=True, batch_size=bs)
+        keys = terms if stage == "val" else {"nll": terms["nll"]}
+        for k, v in keys.items():
+            self.log(f"{stage}/{k}", v, sync_dist=True, batch_size=n_real, prog_bar=(stage == "val" and k == "nll"))
+        bpd = nats_to_bits_per_dim(terms["nll"], self.num_dims(x))
+        self.log(f"{stage}/bpd", bpd, sync_dist=True, batch_size=n_real)
         for k, v in self.extra_metrics(batch, terms).items():
-            self.log(f"test/{k}", v, sync_dist=True, batch_size=bs)
+            self.log(f"{stage}/{k}", v, sync_dist=True, batch_size=n_real)
+
+    def slice_batch(self, batch: Any, n: int) -> Any:
+        """The first ``n`` samples of ``batch`` (tensors, and tuples / lists / dicts of batch-first tensors); apps with
+        other batch structures override this."""
+        size = self._batch_size(batch)
+
+        def cut(v: Any) -> Any:
+            if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size:
+                return v[:n]
+            if isinstance(v, dict):
+                return {k: cut(u) for k, u in v.items()}
+            if isinstance(v, (tuple, list)):
+                return type(v)(cut(u) for u in v)
+            return v
+
+        return cut(batch)
+
+    def _eval_sampler(self) -> DistributedSampler | None:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        sampler = getattr(loader, "sampler", None)
+        return sampler if isinstance(sampler, DistributedSampler) and not sampler.drop_last else None
+
+    def _real_samples(self, batch_size: int) -> int:
+        """How many of this rank's next ``batch_size`` evaluation samples are real, not the sampler's padding.
+
+        A ``DistributedSampler(shuffle=False)`` gives rank ``r`` the global positions ``r, r + W, r + 2W, ...`` of the
+        index list padded (at its end) from N to a multiple of W; positions >= N are repeats."""
+        sampler = self._eval_sampler()
+        if sampler is None:
+            return batch_size
+        seen = self._eval_seen
+        self._eval_seen += batch_size
+        n, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+        return sum(1 for j in range(seen, seen + batch_size) if j * world + rank < n)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_seen = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_seen = 0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:

@@ -12,7 +12,7 @@ import torch
 
 from apps.density2d.data import true_log_prob
 from core.cli import CONF_DIR
-from core.training import NonFiniteLossError, build_module, build_trainer, fit, load_checkpoint
+from core.training import NonFiniteLossError, build_module, build_trainer, fit, restore
 from tests.helpers import run_cli, small_config
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "density2d" / "model").glob("*.yaml"))
@@ -124,7 +124,7 @@ def test_resume_continues_the_step_count(tmp_path):
     assert second.trainer.global_step == 2 * steps and steps_run(second) == steps
     assert second.trainer.current_epoch == 2
     # the resumed weights are the first run's, trained further: not a fresh start
-    module, _ = load_checkpoint(last)
+    module = restore(last).module
     p_first = next(module.model.parameters())
     assert not torch.equal(p_first, next(build_module(small_config("density2d", tmp_path)).model.parameters()))
 
@@ -185,7 +185,7 @@ def test_nan_guard_names_step_and_term_and_saves_last_good_state(tmp_path):
         build_trainer(cfg).fit(module, datamodule=dm)
     path = tmp_path / "checkpoints" / "nan-guard-step3.ckpt"
     assert str(path) in str(err.value)
-    rescued, _ = load_checkpoint(path)
+    rescued = restore(path).module
     assert all(torch.isfinite(p).all() for p in rescued.parameters())
     assert torch.load(path, weights_only=False)["global_step"] == 3
 

@@ -11,7 +11,7 @@ from rdkit import Chem
 
 from apps.graphaf.commands import train
 from apps.graphaf.data import DEFAULT_DATA
-from core.training import build_module, load_checkpoint
+from core.training import build_module, restore
 from tests.helpers import run_cli, small_config
 
 TINY = ["model.hidden=16", "model.rgcn_layers=2", "model.flow_layers=2", "model.st_hidden=[16]"]
@@ -74,7 +74,8 @@ def test_training_lowers_the_nll(qm9_small, tmp_path):
 
 
 def test_checkpoint_records_the_resolved_vocabulary(trained):
-    module, cfg = load_checkpoint(trained)
+    restored = restore(trained)
+    module, cfg = restored.module, restored.cfg
     assert list(cfg.data.atoms) == ["C", "N", "O", "F"] and cfg.data.max_atoms == 9
     assert module.model.vocab.tokens == ("C", "N", "O", "F")
 

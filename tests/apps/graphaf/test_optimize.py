@@ -12,7 +12,7 @@ from apps.graphaf.data import graphs_to_batch
 from apps.graphaf.model import GraphAF
 from apps.graphaf.optimize import PolicyOptimizer, PropertyReward, RLSettings, top_k
 from core.cli import compose
-from core.training import build_module, load_checkpoint
+from core.training import build_module, restore
 from tests.helpers import run_cli
 
 TINY = ["model.hidden=16", "model.rgcn_layers=2", "model.flow_layers=2", "model.st_hidden=[16]"]
@@ -134,8 +134,8 @@ def test_optimize_command_writes_top3_and_a_checkpoint_sample_loads(untrained_ck
         scores = [t["score"] for t in m[key]["top3"]]
         assert scores == sorted(scores, reverse=True) and len({t["smiles"] for t in m[key]["top3"]}) == 3
     assert len(m["top3_during_training"]) == 3 and "top-3 qed" in proc.stdout
-    module, _ = load_checkpoint(out / "checkpoints" / "last.ckpt")
-    original, _ = load_checkpoint(untrained_ckpt)
+    module = restore(out / "checkpoints" / "last.ckpt").module
+    original = restore(untrained_ckpt).module
     changed = [not torch.equal(a, b) for a, b in zip(module.state_dict().values(), original.state_dict().values())]
     assert any(changed)  # the fine-tuned weights were saved
     from apps.graphaf.commands import sample  # the sample command takes the run directory, in-process (faster)

@@ -13,7 +13,7 @@ import torch
 from apps.pointflow.data import SHAPENET_CATEGORIES
 from apps.pointflow.io import read_cloud
 from apps.pointflow.model import PointFlowModel
-from core.training import fit, load_checkpoint
+from core.training import fit, restore
 from tests.helpers import run_cli, small_config
 
 TINY_MODEL = [
@@ -143,7 +143,8 @@ def test_training_lowers_the_negative_elbo(tree, tmp_path):
 
 
 def test_checkpoint_stores_the_data_normalisation(trained, tree):
-    module, cfg = load_checkpoint(trained)
+    restored = restore(trained)
+    module, cfg = restored.module, restored.cfg
     from apps.pointflow.data import PC15kDataset
 
     stats = PC15kDataset(tree, "chair", "train", tr_points=128, te_points=128).stats

@@ -1,0 +1,73 @@
+"""One run, one directory: a command claims its run directory and never writes into another run's.
+
+A command writes ``.flowsuite-run.json`` (app, command, start time) into its output directory. A directory that
+already holds another run's outputs is refused with an error naming it; with ``overwrite=true`` a directory that holds
+an earlier run of the *same* app and command is cleared first (an ``evaluate`` can never clear a training run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+__all__ = ["MARKER", "RunDirError", "check_run_dir", "claim_run_dir", "is_worker_rank"]
+
+MARKER = ".flowsuite-run.json"
+_HYDRA_FILES = (".hydra",)  # what Hydra itself writes into the run dir before the command starts
+
+
+class RunDirError(RuntimeError):
+    """The output directory belongs to another run."""
+
+
+def is_worker_rank() -> bool:
+    """True in a DDP worker process (Lightning's re-launched ranks, torchrun ranks > 0): they share rank 0's dir."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0"
+
+
+def _owner(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _foreign_entries(folder: Path, ignore: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name not in ignore and p.name != MARKER)
+
+
+def check_run_dir(folder: str | Path, app: str, command: str, overwrite: bool, ignore: tuple[str, ...] = ()) -> bool:
+    """Raise :class:`RunDirError` if ``folder`` holds another run's outputs. Returns True when the folder holds an
+    earlier run of the same app and command that ``overwrite=true`` allows to clear."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    owner = _owner(folder)
+    entries = _foreign_entries(folder, ignore)
+    if owner is None and not entries:
+        return False
+    if owner is not None and (owner.get("app"), owner.get("command")) == (app, command) and overwrite:
+        return True
+    who = f"apps.{owner.get('app')} {owner.get('command')}" if owner else "files of another run"
+    hint = " (or pass overwrite=true to replace that earlier run)" if owner and owner.get("command") == command else ""
+    shown = ", ".join(p.name for p in entries[:5]) or MARKER
+    raise RunDirError(
+        f"output directory {folder} already holds the outputs of {who} ({shown}); apps.{app} {command} does not "
+        f"write into another run's directory. Leave hydra.run.dir / output_dir at their defaults, or choose a new "
+        f"directory{hint}."
+    )
+
+
+def claim_run_dir(folder: str | Path, app: str, command: str, overwrite: bool = False) -> None:
+    """Check ``folder`` (see :func:`check_run_dir`), clear an earlier run of this command if allowed, and mark it."""
+    folder = Path(folder)
+    ignore = _HYDRA_FILES + tuple(p.name for p in folder.glob("*.log")) if folder.is_dir() else ()
+    if check_run_dir(folder, app, command, overwrite, ignore):
+        for p in _foreign_entries(folder, ignore):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = {"app": app, "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
+    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
