@@ -46,7 +46,7 @@ lint: install
 
 bench: install
 	$(PY) -m pip install -q ".[bench]" "torch==2.13.*"
-	$(PY) scripts/bench_core.py
+	$(PY) -m scripts.bench_core
 
 clean:
 	rm -rf $(VENV) outputs multirun

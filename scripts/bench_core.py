@@ -1,7 +1,7 @@
 """Benchmark the core flows against zuko's equivalents: throughput, forward+backward time, peak memory.
 
-    python scripts/bench_core.py                 # CPU (and CUDA when present), quick sizes
-    python scripts/bench_core.py --device cuda --full --json bench.json
+    python -m scripts.bench_core                 # CPU (and CUDA when present), quick sizes
+    python -m scripts.bench_core --device cuda --full --json bench.json
 
 For each case: samples/s of ``log_prob`` and of ``sample`` (no grad), milliseconds for one
 ``-log_prob(x).mean()`` forward+backward, and peak memory of that step (CUDA: ``max_memory_allocated``; CPU: the
@@ -25,8 +25,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @dataclass(frozen=True)

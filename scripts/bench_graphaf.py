@@ -1,7 +1,7 @@
 """GraphAF benchmark: training molecules/s and sampling molecules/s (batch 1, 64, 512), CPU and GPU when present.
 
-    python scripts/bench_graphaf.py                         # QM9- and ZINC-sized settings, untrained models
-    python scripts/bench_graphaf.py --ckpt outputs/graphaf/train/<run>   # sample with a trained QM9 model too
+    python -m scripts.bench_graphaf                         # QM9- and ZINC-sized settings, untrained models
+    python -m scripts.bench_graphaf --ckpt outputs/graphaf/train/<run>   # sample with a trained QM9 model too
 
 Training rows: one optimizer step (teacher-forced NLL forward + backward + Adam) on real molecules (built-in QM9;
 ZINC250k rows from tests/apps/graphaf/zinc250k_sample.csv) in random BFS order. Sampling rows: ``generate`` with
@@ -12,13 +12,10 @@ rate, and a trained checkpoint gives the realistic QM9 number.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.graphaf.data import DEFAULT_DATA, MoleculeDataset, graphs_to_batch, preprocess  # noqa: E402
 from apps.graphaf.model import GraphAF  # noqa: E402

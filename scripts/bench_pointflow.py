@@ -1,8 +1,8 @@
 """PointFlow benchmark: training step, sampling, and evaluation-metric cost, on CPU and (when present) GPU.
 
-    python scripts/bench_pointflow.py                       # CPU: small model, GPU (if any): the paper's model
-    python scripts/bench_pointflow.py --model paper --batch 16 --points 2048 --device cuda
-    python scripts/bench_pointflow.py --eval-shapes 405     # 1-NNA-CD on 405 x 405 shapes (ShapeNet airplane test size)
+    python -m scripts.bench_pointflow                       # CPU: small model, GPU (if any): the paper's model
+    python -m scripts.bench_pointflow --model paper --batch 16 --points 2048 --device cuda
+    python -m scripts.bench_pointflow --eval-shapes 405     # 1-NNA-CD on 405 x 405 shapes (ShapeNet airplane test size)
 
 Rows: one training step (negative ELBO forward + backward, adjoint, Hutchinson trace) with its peak memory and
 the number of ODE-function evaluations; sampling time per shape (latent CNF + point CNF); the time of the pairwise
@@ -12,13 +12,9 @@ distance matrices that MMD/COV/1-NNA need for an S x S evaluation, in Chamfer an
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.pointflow import metrics as M  # noqa: E402
 from apps.pointflow.model import PointFlowModel  # noqa: E402

@@ -1,7 +1,7 @@
 """VideoFlow benchmark: training step time and peak memory, and generation frames/s at 64 x 64, CPU and GPU.
 
-    python scripts/bench_videoflow.py                          # CPU: the default (small) model; GPU if present: both
-    python scripts/bench_videoflow.py --device cuda --model paper --batch 5 --frames 4
+    python -m scripts.bench_videoflow                          # CPU: the default (small) model; GPU if present: both
+    python -m scripts.bench_videoflow --device cuda --model paper --batch 5 --frames 4
 
 Rows: one training step (NLL of the target frames, forward + backward + Adam) on clips of ``--frames`` frames
 (3 context + 1 target, as the paper's 4-frame training crops), and generation of ``--steps`` future frames from
@@ -12,13 +12,9 @@ VideoFlow (Kumar et al. 2020) reports 1.87 bits per pixel on BAIR and real-time 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.videoflow.model import VideoFlowModel  # noqa: E402
 from core.benchmark import peak_memory_mb, sync

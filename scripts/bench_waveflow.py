@@ -1,7 +1,7 @@
 """WaveFlow speed: synthesis as a multiple of real time (22,050 Hz) and training step time.
 
-    python scripts/bench_waveflow.py                       # CPU (and the GPU when there is one)
-    python scripts/bench_waveflow.py --gpu-seconds 10 --compile --json bench.json
+    python -m scripts.bench_waveflow                       # CPU (and the GPU when there is one)
+    python -m scripts.bench_waveflow --gpu-seconds 10 --compile --json bench.json
 
 Models are the paper's (h=16, 8 flows x 8 layers) at 64 and 128 residual channels, with random weights (speed
 does not depend on them). Synthesis uses the cached row-by-row inverse under ``torch.inference_mode``; one

@@ -1,9 +1,9 @@
 """Convert meshes (ModelNet layout) or voxel grids (.npz) into the ShapeNetCore.v2.PC15k layout PointFlow reads.
 
 Examples:
-    python scripts/pointflow_to_pc15k.py --source voxel --input data/shapes/modelnet10_chair_voxels32_dev.npz \\
+    python -m scripts.pointflow_to_pc15k --source voxel --input data/shapes/modelnet10_chair_voxels32_dev.npz \\
         --output /tmp/chairs.PC15k --category chair
-    python scripts/pointflow_to_pc15k.py --source mesh --input ModelNet10 --output ModelNet10.PC15k
+    python -m scripts.pointflow_to_pc15k --source mesh --input ModelNet10 --output ModelNet10.PC15k
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
 from apps.pointflow.data import conversion_info, convert_to_pc15k  # noqa: E402
 
