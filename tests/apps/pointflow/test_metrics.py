@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from apps.pointflow.metrics import (
+    approxmatch_plan,
     chamfer_distance,
     compute_all_metrics,
+    emd_approxmatch,
     emd_exact,
     emd_sinkhorn,
     jsd_between_sets,
@@ -62,6 +64,112 @@ def test_chamfer_zero_for_identical_and_symmetric():
     y = torch.rand(2, 40, 3, generator=_gen(2))
     assert torch.all(chamfer_distance(x, x.clone()) == 0)
     torch.testing.assert_close(chamfer_distance(x, y), chamfer_distance(y, x))
+
+
+def test_chamfer_methods_agree_and_match_direct_distances():
+    x, y = _ellipsoids(3, 300, seed=12), _boxes(3, 250, seed=13)
+    d2 = torch.cdist(x.double(), y.double()).square()
+    want = d2.amin(2).mean(1) + d2.amin(1).mean(1)
+    for method in ("kdtree", "matmul", "auto"):
+        torch.testing.assert_close(chamfer_distance(x, y, method).double(), want, rtol=1e-5, atol=1e-8)
+    far = x + 100.0  # the matmul path centres the clouds: no cancellation from a large common offset
+    torch.testing.assert_close(chamfer_distance(far, y + 100.0, "matmul").double(), want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="unknown Chamfer method"):
+        chamfer_distance(x, y, "octree")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# approxmatch (the EMD of PointFlow's table)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _approxmatch_loops(ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """approxmatch.cu written as its loops, one point at a time (float64): the plan (n, m) and the match cost."""
+    n, m = len(ref), len(x)
+    match = [[0.0] * m for _ in range(n)]
+    remain_l = [1.0 if n >= m else float(m // n)] * n
+    remain_r = [float(n // m) if n >= m else 1.0] * m
+    d2 = [[float(((ref[k] - x[l]) ** 2).sum()) for l in range(m)] for k in range(n)]
+    for j in range(7, -2, -1):
+        level = -(4.0**j)
+        ratio_l = [remain_l[k] / (1e-9 + sum(math.exp(level * d2[k][l]) * remain_r[l] for l in range(m))) for k in range(n)]
+        ratio_r = [0.0] * m
+        for l in range(m):
+            s = sum(math.exp(level * d2[k][l]) * ratio_l[k] for k in range(n)) * remain_r[l]
+            ratio_r[l] = min(remain_r[l] / (s + 1e-9), 1.0) * remain_r[l]
+            remain_r[l] = max(0.0, remain_r[l] - s)
+        for k in range(n):
+            s = 0.0
+            for l in range(m):
+                w = math.exp(level * d2[k][l]) * ratio_l[k] * ratio_r[l]
+                match[k][l] += w
+                s += w
+            remain_l[k] = max(0.0, remain_l[k] - s)
+    cost = sum(match[k][l] * math.sqrt(d2[k][l]) for k in range(n) for l in range(m))
+    return torch.tensor(match, dtype=torch.float64), cost
+
+
+@pytest.mark.parametrize("n, m", [(9, 9), (6, 13), (13, 6)])
+def test_approxmatch_equals_the_kernel_loops(n, m):
+    g = _gen(20 + n)
+    ref, x = torch.rand(2, n, 3, generator=g, dtype=torch.float64), torch.rand(2, m, 3, generator=g, dtype=torch.float64)
+    plan = approxmatch_plan(ref, x)
+    for b in range(2):
+        want, cost = _approxmatch_loops(ref[b], x[b])
+        torch.testing.assert_close(plan[b], want, rtol=1e-10, atol=1e-12)
+        if n == m:
+            assert emd_approxmatch(ref[b : b + 1], x[b : b + 1]).item() == pytest.approx(cost / n, rel=1e-10)
+
+
+def _grid(n_side: int) -> torch.Tensor:
+    """Points of a regular grid with spacing 1: every kernel level but the last sees only a point's own copy."""
+    r = torch.arange(n_side, dtype=torch.float32)
+    return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(1, -1, 3)
+
+
+def test_approxmatch_identical_clouds_give_zero():
+    x = _grid(4)  # 64 points
+    assert emd_approxmatch(x, x.clone()).item() == 0.0
+    perm = x[:, torch.randperm(64, generator=_gen(21))]
+    assert emd_approxmatch(x, perm).item() == 0.0
+
+
+def test_approxmatch_small_perturbation_gives_the_exact_emd():
+    x = _grid(4).double()
+    y = x + 0.01 * torch.randn(x.shape, generator=_gen(22), dtype=torch.float64)
+    exact = emd_exact(x, y)
+    torch.testing.assert_close(emd_approxmatch(x, y), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(emd_approxmatch(y, x), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("seed", [23, 24, 25])
+def test_approxmatch_plan_is_a_partial_transport_and_costs_at_least_the_exact_emd(seed):
+    a = _ellipsoids(3, 200, seed=seed)
+    b = torch.cat([_ellipsoids(2, 200, seed=seed + 100), _boxes(1, 200, seed=seed)])
+    plan = approxmatch_plan(a, b)
+    assert plan.shape == (3, 200, 200) and (plan >= 0).all()
+    assert (plan.sum(2) <= 1 + 1e-5).all() and (plan.sum(1) <= 1 + 1e-5).all()
+    assert (plan.sum((1, 2)) > 0.99 * 200).all()  # unit-scale clouds: the widest level moves nearly all mass
+    cost = (plan * torch.cdist(a, b)).sum((1, 2)) / 200
+    approx = emd_approxmatch(a, b)
+    torch.testing.assert_close(approx, cost, rtol=1e-4, atol=1e-7)
+    exact = emd_exact(a, b)
+    assert (approx >= exact * (1 - 1e-5)).all(), (approx, exact)
+    assert (approx > exact * 1.05).any(), "on independent clouds approxmatch lies clearly above the optimum"
+
+
+def test_approxmatch_is_not_symmetric_and_pairwise_puts_the_reference_first():
+    s, r = _ellipsoids(3, 64, seed=26), _boxes(2, 64, seed=27)
+    a, b = emd_approxmatch(s[:1], r[:1]), emd_approxmatch(r[:1], s[:1])
+    assert not torch.allclose(a, b, rtol=1e-6, atol=0), "the test needs an asymmetric pair"
+    d_sr = pairwise_distances(s, r, "emd_approxmatch", batch_size=4)
+    for i in range(3):
+        for j in range(2):
+            torch.testing.assert_close(d_sr[i, j], emd_approxmatch(r[j : j + 1], s[i : i + 1])[0])
+    d_ss = pairwise_distances(s, s, "emd_approxmatch")  # no mirroring for an asymmetric metric
+    torch.testing.assert_close(d_ss[0, 1], emd_approxmatch(s[1:2], s[0:1])[0])
+    torch.testing.assert_close(d_ss[1, 0], emd_approxmatch(s[0:1], s[1:2])[0])
+    assert torch.all(d_ss.diagonal() == 0)
 
 
 def test_emd_exact_matches_brute_force_over_permutations():
@@ -243,7 +351,7 @@ def test_jsd_warns_outside_unit_cube():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("emd", ["exact", "sinkhorn", "none"])
+@pytest.mark.parametrize("emd", ["approxmatch", "exact", "sinkhorn", "none"])
 def test_compute_all_metrics_keys_and_values(emd):
     samples = _ellipsoids(4, 32, seed=70)
     refs = _ellipsoids(5, 32, seed=71)
@@ -257,6 +365,13 @@ def test_compute_all_metrics_keys_and_values(emd):
     assert all(res[k] > 0 for k in keys if k.startswith("MMD"))
 
 
+def test_compute_all_metrics_uses_approxmatch_by_default():
+    samples, refs = _ellipsoids(4, 48, seed=72), _ellipsoids(4, 48, seed=73)
+    default = compute_all_metrics(samples, refs, batch_size=4)
+    assert default == compute_all_metrics(samples, refs, batch_size=4, emd="approxmatch")
+    assert default["MMD-EMD"] != compute_all_metrics(samples, refs, batch_size=4, emd="exact")["MMD-EMD"]
+
+
 def test_compute_all_metrics_rejects_unknown_emd():
     with pytest.raises(ValueError, match="emd must be"):
         compute_all_metrics(torch.rand(2, 8, 3), torch.rand(2, 8, 3), emd="fast")
@@ -266,7 +381,7 @@ def test_compute_all_metrics_rejects_unknown_emd():
 def test_cuda_matches_cpu():
     a = _ellipsoids(3, 128, seed=80)
     b = _ellipsoids(3, 128, seed=81)
-    for fn in (chamfer_distance, emd_exact, emd_sinkhorn):
+    for fn in (chamfer_distance, emd_approxmatch, emd_exact, emd_sinkhorn):
         out = fn(a.cuda(), b.cuda())
         assert out.device.type == "cuda"
         torch.testing.assert_close(out.cpu(), fn(a, b), rtol=1e-3, atol=1e-5)
