@@ -71,8 +71,8 @@ def generate_smiles(model, n: int, batch_size: int, temperature: float, valency_
 
 def train(cfg: DictConfig) -> dict:
     """Fit GraphAF; writes checkpoints, metrics.json and (rank zero) samples.smi + samples.png from the final model."""
-    resolve_data(cfg)
-    result = fit(cfg)
+    dm = resolve_data(cfg)
+    result = fit(cfg, datamodule=dm)
     n = cfg.get("samples_after_fit", 0)
     if result.trainer.is_global_zero and n:
         model = result.module.cpu().eval().eval_model.eval()
@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> dict:
         smiles, valid, _ = generate_smiles(model, n, 256, cfg.module.temperature, True, "sampling")
         _write_smiles(result.output_dir / "samples.smi", smiles)
         draw_grid([s for s, v in zip(smiles, valid) if v][:32], result.output_dir / "samples.png")
-        m = generation_metrics([s if v else None for s, v in zip(smiles, valid)], result.datamodule.train_smiles)
+        m = generation_metrics([s if v else None for s, v in zip(smiles, valid)], result.datamodule.reference_smiles)
         result.metrics.update({f"samples/{k}": v for k, v in m.items()})
         write_json(result.output_dir / "metrics.json", result.metrics)
         print_metrics(f"GraphAF samples after training ({n})", m)

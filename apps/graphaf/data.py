@@ -409,6 +409,24 @@ class MoleculeDataModule(pl.LightningDataModule):
         d = self.load()
         return [d.smiles[i] for i in self.train_idx]
 
+    @property
+    def reference_smiles(self) -> list[str]:
+        """Canonical SMILES of every usable molecule of the data set, training and validation split alike: novelty is
+        measured against these, as DIG's ``RandGenEvaluator`` does against the whole data set."""
+        return list(self.load().smiles)
+
+    @property
+    def reference_description(self) -> str:
+        """What :attr:`reference_smiles` holds, for metrics JSONs (says so when ``max_molecules`` took a subset)."""
+        d = self.load()
+        text = f"all {len(d)} usable molecules of {self.path}"
+        if self.max_molecules and d.total_rows >= int(self.max_molecules):
+            text += (
+                f" within its first {self.max_molecules} rows (data.max_molecules={self.max_molecules}: a subset, so"
+                " novelty against the whole data set is lower)"
+            )
+        return text
+
     def _loader(self, ds: Dataset, batch: int, shuffle: bool, stop_type: int | None) -> DataLoader:
         d = self.load()
         return DataLoader(

@@ -41,39 +41,69 @@ EDGE_CATEGORIES = NUM_BOND_TYPES + 1
 
 
 class RGCN(nn.Module):
-    """Relational GCN (Schlichtkrull et al. 2018) on dense padded graphs, no compiled extension needed.
+    """Relational GCN of the GraphAF paper (Shi et al. 2020, Eq. 6) on dense padded graphs, as DIG implements it.
 
-    ``H' = act(H W_0 + sum_r A_r H W_r + b)`` with one relation per bond type and sum aggregation; invisible nodes
-    (type -1) have zero features and no edges. Returns node embeddings (G, L, d) and their sum (G, d).
+    ``E = emb(onehot(types))`` (a bias-free linear map of the one-hot, DIG's ``emb``), then per layer
+
+        ``H' = sum_r act(N_r (A_r + I) N_r H W_r)``
+
+    with one bias-free weight ``W_r`` per bond type, the self-loop added in every relation, ``act`` = ReLU on every
+    layer but the last (applied per relation before the sum), and ``N_r`` the symmetric degree normalisation
+    ``D_r^-1/2`` of the paper's equation with ``normalize=True`` (DIG's default and ours: ``normalize=False``, the
+    identity). With ``batch_norm`` (DIG's ``use_bn``) the node embeddings are batch-normalised over the atoms present
+    (DIG also normalises its zero padding rows; here padding stays zero, so a graph's embedding does not depend on
+    how wide its batch is padded). Returns node embeddings (G, L, d), zero for absent atoms, and their sum (G, d).
     """
 
-    def __init__(self, num_types: int, num_relations: int = NUM_BOND_TYPES, hidden: int = 128, layers: int = 3) -> None:
+    def __init__(
+        self,
+        num_types: int,
+        num_relations: int = NUM_BOND_TYPES,
+        hidden: int = 128,
+        layers: int = 3,
+        normalize: bool = False,
+        batch_norm: bool = True,
+    ) -> None:
         super().__init__()
-        self.num_types, self.num_relations, self.hidden = num_types, num_relations, hidden
-        self.embed = nn.Embedding(num_types + 1, hidden, padding_idx=num_types)
-        self.layers = nn.ModuleList([nn.Linear(hidden, (num_relations + 1) * hidden) for _ in range(layers)])
+        if layers < 1:
+            raise ValueError(f"GraphAF: rgcn_layers must be >= 1, got {layers}")
+        self.num_types, self.num_relations, self.hidden, self.normalize = num_types, num_relations, hidden, normalize
+        self.embed = nn.Embedding(num_types + 1, num_types, padding_idx=num_types)
+        dims = [num_types] + [hidden] * layers
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(num_relations, a, b)) for a, b in zip(dims[:-1], dims[1:])]
+        )
+        for w in self.weights:
+            nn.init.xavier_uniform_(w)
+        self.norm = nn.BatchNorm1d(hidden) if batch_norm else None
 
     def relation_adjacency(self, adj: Tensor, dtype: torch.dtype) -> Tensor:
-        """(G, L, L) bond indices (``num_relations`` = none) -> (G, L, R * L) stacked relation adjacencies."""
-        g, n, _ = adj.shape
+        """(G, L, L) bond indices (``num_relations`` = none) -> (G, R, L, L) one adjacency per relation (no loops)."""
         rel = torch.arange(self.num_relations, device=adj.device, dtype=adj.dtype)
-        a = adj.unsqueeze(2) == rel.view(1, 1, -1, 1)  # (G, L, R, L)
-        return a.reshape(g, n, self.num_relations * n).to(dtype)
+        return (adj.unsqueeze(1) == rel.view(1, -1, 1, 1)).to(dtype)
 
     def forward(self, types: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
         # types (G, L) long, -1 = not in the graph; adj (G, L, L) with values 0..R-1 bonds, R = no bond
-        g, n = types.shape
-        r, d = self.num_relations, self.hidden
-        mask = (types >= 0).unsqueeze(-1)  # (G, L, 1)
-        h = self.embed(torch.where(types >= 0, types, self.num_types))
-        a = self.relation_adjacency(adj, h.dtype)  # (G, L, R*L)
-        for k, lin in enumerate(self.layers):
-            hw = lin(h)  # (G, L, (R+1) d)
-            rel = hw[..., d:].reshape(g, n, r, d).transpose(1, 2).reshape(g, r * n, d)
-            h = hw[..., :d] + torch.bmm(a, rel)
-            if k < len(self.layers) - 1:
-                h = F.relu(h)
-            h = h * mask
+        present = types >= 0
+        h = self.embed(torch.where(present, types, self.num_types))  # absent atoms: the zero padding row
+        a = self.relation_adjacency(adj, h.dtype)  # (G, R, L, L)
+        scale = None
+        if self.normalize:  # D^-1/2 (A + I) D^-1/2 with D the degree of A + I, per relation
+            scale = (a.sum(-1, keepdim=True) + 1.0).rsqrt() * present.unsqueeze(1).unsqueeze(-1)  # (G, R, L, 1)
+        last = len(self.weights) - 1
+        for k, w in enumerate(self.weights):
+            hw = torch.einsum("gld,rde->grle", h, w)  # (G, R, L, d)
+            if scale is not None:
+                hw = hw * scale
+            out = torch.matmul(a, hw) + hw  # (A_r + I) H W_r; absent atoms have no edges and zero features
+            if scale is not None:
+                out = out * scale
+            if k < last:
+                out = F.relu(out)
+            h = out.sum(1)
+        if self.norm is not None:
+            flat = h[present]
+            h = torch.zeros_like(h).masked_scatter(present.unsqueeze(-1), self.norm(flat)) if len(flat) else h
         return h, h.sum(1)
 
 
@@ -128,8 +158,10 @@ class GraphAF(nn.Module):
         atoms: atom vocabulary tokens (``C``, ``N+``, ...); ``valence`` overrides their maximum valences.
         max_atoms: the largest molecule (sampling stops there).
         max_edge_unroll: the edge window W (bonds only to the W atoms before, in BFS order).
-        hidden: R-GCN embedding size; ``rgcn_layers`` its depth.
-        flow_layers: conditional affine layers per flow; ``st_hidden`` their conditioner MLP sizes.
+        hidden: R-GCN embedding size; ``rgcn_layers`` its depth; ``rgcn_normalize`` the paper's degree normalisation
+            (DIG: off); ``rgcn_batch_norm`` batch-normalised node embeddings (DIG: on). See :class:`RGCN`.
+        flow_layers: conditional affine layers per flow; ``st_hidden`` their conditioner MLP sizes and ``st_act`` its
+            activation (DIG's ST net: ``tanh``).
     """
 
     def __init__(
@@ -142,17 +174,24 @@ class GraphAF(nn.Module):
         rgcn_layers: int = 3,
         flow_layers: int = 12,
         st_hidden: Sequence[int] = (128,),
+        st_act: str = "tanh",
+        rgcn_normalize: bool = False,
+        rgcn_batch_norm: bool = True,
     ) -> None:
         super().__init__()
         self.vocab = AtomVocab.from_tokens(list(atoms), dict(valence) if valence else None)
         self.max_atoms, self.window = int(max_atoms), int(max_edge_unroll)
         k = len(self.vocab)
-        self.rgcn = RGCN(k, NUM_BOND_TYPES, hidden, rgcn_layers)
+        self.rgcn = RGCN(k, NUM_BOND_TYPES, hidden, rgcn_layers, rgcn_normalize, rgcn_batch_norm)
         self.node_flow = FlowModel(
-            Sequential([ConditionalAffine(k, hidden, st_hidden) for _ in range(flow_layers)]), StandardNormal(k)
+            Sequential([ConditionalAffine(k, hidden, st_hidden, act=st_act) for _ in range(flow_layers)]),
+            StandardNormal(k),
         )
+        edge_layers = [
+            ConditionalAffine(EDGE_CATEGORIES, 3 * hidden, st_hidden, act=st_act) for _ in range(flow_layers)
+        ]
         self.edge_flow = FlowModel(
-            Sequential([ConditionalAffine(EDGE_CATEGORIES, 3 * hidden, st_hidden) for _ in range(flow_layers)]),
+            Sequential(edge_layers),
             StandardNormal(EDGE_CATEGORIES),
         )
         self.dequantize = UniformDequantization(levels=2)  # one-hot + U[0,1)^D, scaled into [0, 1)
@@ -224,7 +263,8 @@ class GraphAF(nn.Module):
 
         x (B, L) atom types (-1 padding; the stop atom at index n), adj (B, L, L) bond categories (3 = none),
         num_atoms (B,); ``center``: dequantization noise 0.5 instead of uniform (deterministic).
-        Returns ``node`` (B,), ``edge`` (B,), and ``steps`` (B,) the number of flow steps.
+        Returns ``node`` (B,), ``edge`` (B,), ``steps`` (B,) the number of flow steps and ``latent_dims`` (B,) the
+        number of latent dimensions (``num_types`` per node step, 4 per edge step).
         """
         x, adj = self._fit_width(x, adj)
         b, width = x.shape
@@ -238,10 +278,12 @@ class GraphAF(nn.Module):
             cats = adj[:, plan.ei, plan.ej].long()  # (B, S)
             lp, _ = self._step_log_prob(self.edge_flow, cats[edge_mask], edge_ctx[edge_mask], EDGE_CATEGORIES, center)
             edge_ll = edge_ll.masked_scatter(edge_mask, lp)
+        node_steps, edge_steps = node_mask.sum(1).to(node_ll.dtype), edge_mask.sum(1).to(node_ll.dtype)
         return {
             "node": node_ll.sum(1),
             "edge": edge_ll.sum(1),
-            "steps": (node_mask.sum(1) + edge_mask.sum(1)).to(node_ll.dtype),
+            "steps": node_steps + edge_steps,
+            "latent_dims": node_steps * self.num_types + edge_steps * EDGE_CATEGORIES,
         }
 
     def step_log_likelihoods(self, x: Tensor, adj: Tensor, num_atoms: Tensor, center: bool = True) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""The GraphAF FlowModule: per-molecule NLL (node + edge steps) and generated molecules after validation."""
+"""The GraphAF FlowModule: NLL per latent dimension (DIG) or per molecule, and generated molecules after validation."""
 
 from __future__ import annotations
 
@@ -36,43 +36,59 @@ def draw_grid(smiles: list[str | None], path: Path, per_row: int = 8, legends: l
 
 
 class GraphAFModule(FlowModule):
-    """Loss: ``nll`` = mean over molecules of -(node + edge log-likelihood), nats per molecule.
+    """GraphAF's loss and sample logging.
 
-    ``bpd`` is bits per generation step (node and edge categories); ``nll_node``/``nll_edge`` are logged beside.
-    After validation, ``num_samples`` molecules are generated (valency check on) and their validity, uniqueness
-    and a PNG grid logged.
+    ``loss_normalization``:
+      * ``latent_dim`` (DIG, the paper's code): the training loss is the batch's NLL divided by its number of latent
+        dimensions (``num_types`` per node step, 4 per edge step), nats per latent dimension; ``bpd`` is bits per
+        latent dimension;
+      * ``molecule``: the mean NLL per molecule in nats (hundreds of nats on ZINC), ``bpd`` per generation step.
+
+    Either way ``nll_molecule`` (nats per molecule), ``nll_node``/``nll_edge`` and ``nll_per_step`` are logged beside.
+    After validation, ``num_samples`` molecules are generated (valency check on); validity, uniqueness and novelty
+    (against every molecule of the data set, see :attr:`MoleculeDataModule.reference_smiles`) and a PNG grid are
+    logged. Other arguments (optimizer, scheduler, EMA, ...) go to :class:`core.training.FlowModule`.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: Any,
-        scheduler: Any = None,
-        scheduler_interval: str = "step",
-        ema_decay: float | None = None,
-        sample_every_n_epochs: int = 1,
         num_samples: int = 64,
         temperature: float = 0.75,
+        loss_normalization: str = "latent_dim",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, optimizer, scheduler, scheduler_interval, ema_decay, sample_every_n_epochs)
-        self.num_samples, self.temperature = num_samples, temperature
-        self._steps = 1.0
+        super().__init__(model, **kwargs)
+        if loss_normalization not in ("latent_dim", "molecule"):
+            raise ValueError(f"module.loss_normalization must be latent_dim or molecule, got {loss_normalization!r}")
+        self.num_samples, self.temperature, self.loss_normalization = num_samples, temperature, loss_normalization
+        self._dims = 1.0
 
     def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
         return batch["x"], None
 
     def num_dims(self, x: Tensor) -> int:
-        return max(self._steps, 1.0)
+        return max(self._dims, 1.0)
 
     def loss_terms(self, batch: Any, model: nn.Module) -> dict[str, Tensor]:
         ll = model.log_likelihood(batch["x"], batch["adj"], batch["num_atoms"])
-        self._steps = float(ll["steps"].mean())
-        self._parts = {"nll_node": -ll["node"].mean().detach(), "nll_edge": -ll["edge"].mean().detach()}
-        return {"nll": -(ll["node"] + ll["edge"]).mean()}
+        nll = -(ll["node"] + ll["edge"])  # (B,) nats per molecule
+        steps = ll["steps"].mean()
+        dims = ll["latent_dims"].mean()
+        self._parts = {
+            "nll_molecule": nll.mean().detach(),
+            "nll_node": -ll["node"].mean().detach(),
+            "nll_edge": -ll["edge"].mean().detach(),
+            "nll_per_step": nll.mean().detach() / steps,
+        }
+        if self.loss_normalization == "latent_dim":
+            self._dims = 1.0
+            return {"nll": nll.sum() / ll["latent_dims"].sum()}
+        self._dims = float(steps)
+        return {"nll": nll.mean()}
 
     def extra_metrics(self, batch: Any, terms: dict[str, Tensor]) -> dict[str, Tensor]:
-        steps = torch.tensor(self._steps, device=terms["nll"].device)
-        return {**self._parts, "nll_per_step": terms["nll"].detach() / steps}
+        return dict(self._parts)
 
     @torch.no_grad()
     def log_samples(self) -> None:
@@ -85,8 +101,8 @@ class GraphAFModule(FlowModule):
         model.train(was_training)
         smiles = [graph_to_smiles(g, model.vocab) for g in graphs]
         dm = getattr(self.trainer, "datamodule", None)
-        train = set(dm.train_smiles) if dm is not None and hasattr(dm, "train_smiles") else set()
-        m = generation_metrics(smiles, train)
+        reference = dm.reference_smiles if dm is not None and hasattr(dm, "reference_smiles") else []
+        m = generation_metrics(smiles, reference)
         for k in ("validity", "uniqueness", "novelty"):
             self.log(f"samples/{k}", m[k], rank_zero_only=True)
         path = draw_grid(smiles[:32], self.output_dir / "media" / f"molecules_epoch{self.current_epoch:03d}.png")

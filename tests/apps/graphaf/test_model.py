@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch_geometric.nn import RGCNConv
 
 from apps.graphaf.chem import canonical_smiles, graph_to_mol, graph_to_smiles
 from apps.graphaf.data import MoleculeDataset, graphs_to_batch, preprocess
@@ -27,30 +26,48 @@ def random_model(atoms, max_atoms, seed=0, **kw) -> GraphAF:
     return model.eval()
 
 
-def test_rgcn_layer_equals_torch_geometric_rgcnconv():
+def reference_rgcn(rgcn, types: list[int], edges: list[tuple[int, int, int]], normalize: bool) -> torch.Tensor:
+    """The paper's Eq. 6 node by node, as DIG writes it: sum_r act(sum_j (A_r + I)_ij norm h_j W_r), then the
+    batch-norm (eval: running statistics) of every atom present."""
+    n, rels = len(types), rgcn.num_relations
+    a = torch.zeros(rels, n, n, dtype=torch.float64)
+    for u, v, r in edges:
+        a[r, u, v] = a[r, v, u] = 1.0
+    a = a + torch.eye(n, dtype=torch.float64)
+    if normalize:
+        d = a.sum(-1).rsqrt()
+        a = d.unsqueeze(-1) * a * d.unsqueeze(-2)
+    h = torch.nn.functional.one_hot(torch.tensor(types), rgcn.num_types).double() @ rgcn.embed.weight[:-1]
+    for k, w in enumerate(rgcn.weights):
+        out = torch.zeros(n, w.shape[-1], dtype=torch.float64)
+        for r in range(rels):
+            m = torch.stack([sum(a[r, i, j] * h[j] for j in range(n)) for i in range(n)]) @ w[r]
+            out = out + (torch.relu(m) if k < len(rgcn.weights) - 1 else m)
+        h = out
+    bn = rgcn.norm
+    return (h - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rgcn_is_the_papers_equation_6_and_ignores_padding(normalize):
     torch.manual_seed(0)
-    model = random_model(["C", "N", "O"], 9)
+    model = random_model(["C", "N", "O"], 9, rgcn_normalize=normalize)
     rgcn = model.rgcn
-    conv = RGCNConv(16, 16, num_relations=3, aggr="add").double()
-    lin = rgcn.layers[0]
-    with torch.no_grad():  # Linear stores (out, in): root weight first, then one block per relation
-        w = lin.weight.view(4, 16, 16)
-        conv.root.copy_(w[0].T)
-        conv.weight.copy_(w[1:].transpose(1, 2))
-        conv.bias.copy_(lin.bias[:16])
-        lin.bias[16:].zero_()
-    types = torch.tensor([[0, 1, 2, 0, -1]])
-    adj = torch.full((1, 5, 5), NO_BOND)
-    for u, v, r in [(0, 1, 0), (1, 2, 1), (2, 3, 2), (0, 3, 0)]:
-        adj[0, u, v] = adj[0, v, u] = r
-    h0 = rgcn.embed(types.clamp(min=0)) * (types >= 0).unsqueeze(-1)
-    a = rgcn.relation_adjacency(adj, h0.dtype)
-    ours = h0 @ lin.weight[:16].T + lin.bias[:16]
-    rel = (h0 @ lin.weight[16:].T).reshape(1, 5, 3, 16).transpose(1, 2).reshape(1, 15, 16)
-    ours = ours + a @ rel
-    e = (adj[0] != NO_BOND).nonzero().T
-    theirs = conv(h0[0], e, adj[0][e[0], e[1]])
-    torch.testing.assert_close(ours[0, :4], theirs[:4])
+    with torch.no_grad():  # non-trivial running statistics
+        rgcn.norm.running_mean.normal_()
+        rgcn.norm.running_var.uniform_(0.5, 2.0)
+    types = [0, 1, 2, 0]
+    edges = [(0, 1, 0), (1, 2, 1), (2, 3, 2), (0, 3, 0)]
+    want = reference_rgcn(rgcn, types, edges, normalize)
+    for pad in (0, 3):  # the same graph padded with absent atoms gives the same embeddings and sum
+        x = torch.tensor([types + [-1] * pad])
+        adj = torch.full((1, 4 + pad, 4 + pad), NO_BOND)
+        for u, v, r in edges:
+            adj[0, u, v] = adj[0, v, u] = r
+        h, hg = rgcn(x, adj)
+        torch.testing.assert_close(h[0, :4], want)
+        assert (h[0, 4:] == 0).all()
+        torch.testing.assert_close(hg[0], want.sum(0))
 
 
 def sequential_log_likelihood(model: GraphAF, g, stop_type: int = 0) -> torch.Tensor:
