@@ -24,8 +24,9 @@ class RunDirError(RuntimeError):
 
 
 def is_worker_rank() -> bool:
-    """True in a DDP worker process (Lightning's re-launched ranks, torchrun ranks > 0): they share rank 0's dir."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0"
+    """True in a DDP worker process (Lightning's re-launched ranks, torchrun or SLURM ranks > 0): they share rank
+    zero's run directory and leave its claim to rank zero."""
+    return any(os.environ.get(v, "0") != "0" for v in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
 def _owner(folder: Path) -> dict | None:
@@ -35,18 +36,20 @@ def _owner(folder: Path) -> dict | None:
         return None
 
 
-def _foreign_entries(folder: Path, ignore: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.name not in ignore and p.name != MARKER)
+def _foreign_entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds besides the marker and what Hydra writes at every start (``.hydra/``, ``*.log``; other
+    DDP ranks may have written them already)."""
+    return sorted(p for p in folder.iterdir() if p.name not in _HYDRA_FILES and p.suffix != ".log" and p.name != MARKER)
 
 
-def check_run_dir(folder: str | Path, app: str, command: str, overwrite: bool, ignore: tuple[str, ...] = ()) -> bool:
+def check_run_dir(folder: str | Path, app: str, command: str, overwrite: bool) -> bool:
     """Raise :class:`RunDirError` if ``folder`` holds another run's outputs. Returns True when the folder holds an
     earlier run of the same app and command that ``overwrite=true`` allows to clear."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
     owner = _owner(folder)
-    entries = _foreign_entries(folder, ignore)
+    entries = _foreign_entries(folder)
     if owner is None and not entries:
         return False
     if owner is not None and (owner.get("app"), owner.get("command")) == (app, command) and overwrite:
@@ -64,9 +67,8 @@ def check_run_dir(folder: str | Path, app: str, command: str, overwrite: bool, i
 def claim_run_dir(folder: str | Path, app: str, command: str, overwrite: bool = False) -> None:
     """Check ``folder`` (see :func:`check_run_dir`), clear an earlier run of this command if allowed, and mark it."""
     folder = Path(folder)
-    ignore = _HYDRA_FILES + tuple(p.name for p in folder.glob("*.log")) if folder.is_dir() else ()
-    if check_run_dir(folder, app, command, overwrite, ignore):
-        for p in _foreign_entries(folder, ignore):
+    if check_run_dir(folder, app, command, overwrite):
+        for p in _foreign_entries(folder):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     marker = {"app": app, "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
