@@ -74,7 +74,6 @@ class GraphAFModule(FlowModule):
         ll = model.log_likelihood(batch["x"], batch["adj"], batch["num_atoms"])
         nll = -(ll["node"] + ll["edge"])  # (B,) nats per molecule
         steps = ll["steps"].mean()
-        dims = ll["latent_dims"].mean()
         self._parts = {
             "nll_molecule": nll.mean().detach(),
             "nll_node": -ll["node"].mean().detach(),
