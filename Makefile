@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSLIBS := libusb-1.0-0 libgl1 libegl1 libxrender1
 
-.PHONY: install demo test test-all lint bench clean syslibs
+.PHONY: install demo test test-all lint bench gpu-check clean syslibs
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ lint: install
 bench: install
 	$(PY) -m pip install -q ".[bench]" "torch==2.13.*"
 	$(PY) -m scripts.bench_core
+
+# Every GPU path in one unattended run (< 8 min on one H100-class GPU); report in outputs/gpu_check/<time>/.
+gpu-check: install
+	$(PY) -m scripts.gpu_check
 
 clean:
 	rm -rf $(VENV) outputs multirun
