@@ -4,7 +4,8 @@ random fixed-length segments with their aligned log-mel frames.
 LJSpeech layout: ``<root>/metadata.csv`` (``id|transcription|normalized transcription``) and
 ``<root>/wavs/<id>.wav``. Any other folder: every ``*.wav`` below it, the id being the path relative to the root
 without the suffix. Splits: ``train.txt`` / ``val.txt`` / ``test.txt`` (one id a line) in ``splits_dir`` (default:
-the root), else a deterministic random split by ``val_size`` / ``test_size``.
+the root), else the references' held-out set: the first ``test_size`` utterances in id order (LJSpeech: LJ001-0001..0016,
+Parakeet's 16), the next ``val_size`` for validation (``held_out=random``: a seeded random draw instead).
 
 Alignment: a segment starts on a hop boundary, ``start = k * hop``; its mel frames are frames ``k .. k + L // hop``
 of the whole utterance's centred log-mel (frame ``k`` centred on sample ``k * hop``), so training sees exactly the
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from apps.waveflow.audio import AudioError, MelConfig, MelSpectrogram, load_wav
 from core.paths import resolve_path
 
-__all__ = ["Utterance", "find_utterances", "split_utterances", "SegmentDataset", "SpeechDataModule"]
+__all__ = ["Utterance", "find_utterances", "split_utterances", "describe_split", "SegmentDataset", "SpeechDataModule"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -86,11 +87,23 @@ def _read_ids(path: Path, known: dict[str, Utterance]) -> list[Utterance]:
     return out
 
 
+HELD_OUT = ("first", "random")
+
+
 def split_utterances(
-    utts: list[Utterance], splits_dir: str | Path | None, val_size: int = 3, test_size: int = 3, seed: int = 0
+    utts: list[Utterance],
+    splits_dir: str | Path | None,
+    val_size: int = 3,
+    test_size: int = 16,
+    seed: int = 0,
+    held_out: str = "first",
 ) -> dict[str, list[Utterance]]:
-    """train/val/test lists: from ``<splits_dir>/{train,val,test}.txt`` when ``train.txt`` exists there, else a
-    seeded random split holding out ``val_size`` and ``test_size`` utterances."""
+    """train/val/test lists: from ``<splits_dir>/{train,val,test}.txt`` when ``train.txt`` exists there, else
+    ``held_out="first"``: the first ``test_size`` utterances in id order are the test set (as the references hold out
+    the start of LJSpeech: Parakeet LJ001-0001..0016, ``test_size=16``; the PyTorch port the first 10), the next
+    ``val_size`` the validation set; ``"random"``: a seeded random draw of both."""
+    if held_out not in HELD_OUT:
+        raise ValueError(f"data.held_out={held_out!r}: choose {' or '.join(HELD_OUT)}")
     known = {u.id: u for u in utts}
     folder = resolve_path(splits_dir) if splits_dir else None
     if folder is not None and (folder / "train.txt").is_file():
@@ -104,13 +117,27 @@ def split_utterances(
         return out
     if len(utts) < val_size + test_size + 1:
         raise ValueError(f"{len(utts)} utterances cannot be split into train + {val_size} val + {test_size} test")
-    order = list(utts)
-    random.Random(seed).shuffle(order)
-    return {
-        "val": sorted(order[:val_size], key=lambda u: u.id),
-        "test": sorted(order[val_size : val_size + test_size], key=lambda u: u.id),
-        "train": sorted(order[val_size + test_size :], key=lambda u: u.id),
-    }
+    order = sorted(utts, key=lambda u: u.id)
+    if held_out == "random":
+        random.Random(seed).shuffle(order)
+    test, val, train = order[:test_size], order[test_size : test_size + val_size], order[test_size + val_size :]
+    return {s: sorted(lst, key=lambda u: u.id) for s, lst in (("train", train), ("val", val), ("test", test))}
+
+
+def describe_split(
+    utts: list[Utterance], split: str, splits_dir: str | Path | None, held_out: str, root: str | Path
+) -> str:
+    """What a split is, for metrics files: where its ids come from and how many there are."""
+    folder = resolve_path(splits_dir) if splits_dir else None
+    n = len(utts)
+    span = f"{utts[0].id}..{utts[-1].id}" if utts else "empty"
+    if folder is not None and (folder / "train.txt").is_file():
+        lines = (folder / f"{split}.txt").read_text(encoding="utf-8").splitlines() if n else []
+        note = lines[0].lstrip("# ").strip() if lines and lines[0].startswith("#") else "id list"
+        return f"{folder / f'{split}.txt'}: {note} ({n} utterances: {', '.join(u.id for u in utts[:20])})"
+    if held_out == "first" and split == "test":
+        return f"the first {n} utterances of {root} in id order ({span}; the references' held-out set: 16 in Parakeet)"
+    return f"{split}: {n} utterances of {root} ({held_out} held-out split)"
 
 
 class SegmentDataset(Dataset):
@@ -199,7 +226,8 @@ class SpeechDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 8,
         val_size: int = 3,
-        test_size: int = 3,
+        test_size: int = 16,
+        held_out: str = "first",
         num_workers: int = 0,
         seed: int = 0,
         train_repeat: int = 1,
@@ -221,6 +249,7 @@ class SpeechDataModule(pl.LightningDataModule):
         self.root, self.splits_dir = root, splits_dir if splits_dir is not None else root
         self.segment_length, self.batch_size, self.eval_batch_size = segment_length, batch_size, eval_batch_size
         self.val_size, self.test_size, self.num_workers, self.seed = val_size, test_size, num_workers, seed
+        self.held_out = held_out
         self.resample, self.preload, self.train_repeat = resample, preload, train_repeat
         self.mel_config = MelConfig(sample_rate, n_fft, hop_length, win_length, n_mels, fmin, fmax)
         self.sets: dict[str, SegmentDataset] = {}
@@ -230,7 +259,7 @@ class SpeechDataModule(pl.LightningDataModule):
         if self.sets:
             return
         self.split_ids = split_utterances(
-            find_utterances(self.root), self.splits_dir, self.val_size, self.test_size, self.seed
+            find_utterances(self.root), self.splits_dir, self.val_size, self.test_size, self.seed, self.held_out
         )
         for split, utts in self.split_ids.items():
             self.sets[split] = SegmentDataset(
@@ -242,6 +271,11 @@ class SpeechDataModule(pl.LightningDataModule):
             raise ValueError(f"{self.root}: the train split is empty")
         counts = "/".join(str(len(self.sets[s].utterances)) for s in SPLITS)
         log.info("%s: %s utterances (train/val/test)", self.root, counts)
+
+    def describe(self, split: str) -> str:
+        """Where the ids of ``split`` come from and how many there are (for metrics files)."""
+        self.setup()
+        return describe_split(self.split_ids[split], split, self.splits_dir, self.held_out, self.root)
 
     def full_utterances(self, split: str = "test", multiple_of: int = 1) -> SegmentDataset:
         """Whole utterances of a split (cropped to a multiple of ``multiple_of``), one item each."""

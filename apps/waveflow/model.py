@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from core.distributions import FlowModel
 from core.flows.affine import affine_forward, affine_inverse
@@ -32,6 +33,10 @@ from core.flows.base import Flow, Sequential
 __all__ = [
     "squeeze",
     "unsqueeze",
+    "weight_norm",
+    "fold_weight_norm",
+    "upsample_factors_for",
+    "RowStepper",
     "HeightSqueeze",
     "height_orders",
     "default_height_dilations",
@@ -117,27 +122,46 @@ def default_height_dilations(height: int, n_layers: int) -> list[int]:
     return [cycle[i % len(cycle)] for i in range(n_layers)]
 
 
-class _Block(nn.Module):
-    """One gated residual layer: dilated 3x3 conv (causal in height), + mel projection, tanh * sigmoid, 1x1."""
+def weight_norm(conv: nn.Module) -> nn.Module:
+    """Weight normalisation (Salimans & Kingma 2016), ``w = g v / |v|`` per output channel, as both references put
+    on every convolution but the zero-initialised output; :func:`fold_weight_norm` removes it for synthesis."""
+    return nn.utils.parametrizations.weight_norm(conv, dim=0)
 
-    def __init__(self, channels: int, dilation_h: int, dilation_w: int, kernel: int = 3) -> None:
+
+def fold_weight_norm(module: nn.Module) -> nn.Module:
+    """Replace every weight-normalised ``(g, v)`` pair in ``module`` by the weight it stands for (in place): the same
+    function, one parameter per convolution, no norm recomputed at every call (what synthesis wants)."""
+    for m in list(module.modules()):
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return module
+
+
+class _Block(nn.Module):
+    """One gated residual layer: dilated 3x3 conv (causal in height), + mel projection, tanh * sigmoid, 1x1 to the
+    residual and skip halves. The last layer of a stack has no residual half (nothing reads it): ``last=True``."""
+
+    def __init__(self, channels: int, dilation_h: int, dilation_w: int, kernel: int = 3, last: bool = False) -> None:
         super().__init__()
-        self.dh, self.dw, self.k = dilation_h, dilation_w, kernel
-        self.conv = nn.Conv2d(channels, 2 * channels, kernel)
-        self.out = nn.Conv2d(channels, 2 * channels, 1)
+        self.dh, self.dw, self.k, self.last, self.channels = dilation_h, dilation_w, kernel, last, channels
+        self.conv = weight_norm(nn.Conv2d(channels, 2 * channels, kernel))
+        self.out = weight_norm(nn.Conv2d(channels, channels if last else 2 * channels, 1))
 
     @property
     def pad_h(self) -> int:
         return (self.k - 1) * self.dh
 
-    def gate(self, a: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+    def gate(self, a: Tensor, cond: Tensor | None) -> tuple[Tensor | None, Tensor]:
         if cond is not None:
             a = a + cond
         content, gate = a.chunk(2, dim=1)
-        return self.out(torch.tanh(content) * torch.sigmoid(gate)).chunk(2, dim=1)  # residual, skip
+        out = self.out(torch.tanh(content) * torch.sigmoid(gate))
+        if self.last:
+            return None, out  # skip only
+        return out[:, : self.channels], out[:, self.channels :]  # residual, skip
 
-    def forward(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
-        # x: (B, C, h, W); causal along height (zeros above), "same" along width
+    def forward(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        # x: (B, C, rows, W); causal along height (zeros above), "same" along width
         a = F.conv2d(
             F.pad(x, (0, 0, self.pad_h, 0)),
             self.conv.weight,
@@ -147,7 +171,7 @@ class _Block(nn.Module):
         )
         return self.gate(a, cond)
 
-    def step(self, window: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+    def step(self, window: Tensor, cond: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """One output row from the ``k`` input rows it sees, already gathered: (B, C, k, W) -> (B, C, 1, W) x2."""
         a = F.conv2d(
             window, self.conv.weight, self.conv.bias, padding=(0, self.dw * (self.k - 1) // 2), dilation=(1, self.dw)
@@ -158,9 +182,10 @@ class _Block(nn.Module):
 class WaveNet2D(nn.Module):
     """WaveFlow's conditioner: 1x1 in, ``n_layers`` gated dilated 2-D conv layers with skips, 1x1 out to 2 maps.
 
-    Dilations: ``dilations_h`` along height (causal), ``2 ** i`` along width (non-causal). The output convolution
-    is zero-initialised, so every flow starts as the identity. Input (B, 1, h, W) already shifted down one row,
-    context (B, context_channels, h, W); output (B, 2, h, W) = (log_s, t).
+    Dilations: ``dilations_h`` along height (causal), ``2 ** i`` along width (non-causal). Every convolution is
+    weight-normalised except the output one, which is zero-initialised so that every flow starts as the identity;
+    the last layer has no residual half. Input (B, 1, rows, W), context (B, context_channels, rows, W); output
+    (B, 2, rows, W) = (log_s, t), row ``r`` depending on input rows ``<= r`` and context row ``r`` only.
     """
 
     def __init__(
@@ -177,10 +202,13 @@ class WaveNet2D(nn.Module):
         if kernel % 2 != 1:
             raise ValueError(f"WaveNet2D: kernel must be odd (same padding along width), got {kernel}")
         self.channels, self.n_layers, self.context_channels = channels, n_layers, context_channels
-        self.start = nn.Conv2d(1, channels, 1)
-        self.blocks = nn.ModuleList(_Block(channels, int(d), 2**i, kernel) for i, d in enumerate(dilations_h))
-        # the mel projections of all layers as one 1x1 conv: one GEMM instead of n_layers small ones
-        self.cond = nn.Conv2d(context_channels, n_layers * 2 * channels, 1) if context_channels else None
+        self.start = weight_norm(nn.Conv2d(1, channels, 1))
+        self.blocks = nn.ModuleList(
+            _Block(channels, int(d), 2**i, kernel, last=i == n_layers - 1) for i, d in enumerate(dilations_h)
+        )
+        # the mel projections of all layers as one 1x1 conv (one GEMM instead of n_layers small ones); weight norm per
+        # output channel is the same function as one weight norm per layer's projection
+        self.cond = weight_norm(nn.Conv2d(context_channels, n_layers * 2 * channels, 1)) if context_channels else None
         self.end = nn.Conv2d(channels, 2, 1)
         nn.init.zeros_(self.end.weight)
         nn.init.zeros_(self.end.bias)
@@ -197,7 +225,9 @@ class WaveNet2D(nn.Module):
         skip = 0
         for block, cond in zip(self.blocks, self._conds(context)):
             res, s = block(h, cond)
-            h, skip = h + res, skip + s
+            skip = skip + s
+            if res is not None:
+                h = h + res
         return self.end(skip)
 
     # ---- incremental computation: one row at a time, each layer's input rows cached ------------------------
@@ -210,7 +240,8 @@ class WaveNet2D(nn.Module):
         """Output row ``i`` (B, 2, 1, W) from input row ``i`` (B, 1, 1, W), ``i`` rows being cached before it.
 
         Each layer appends its input row to its cache and convolves the ``k`` rows its kernel sees; rows that no
-        later step can reach are dropped. No in-place writes, so the fast path is differentiable too."""
+        later step can reach are dropped. No in-place writes, so this path is differentiable (the generic flow suite
+        takes the Jacobian of the inverse through it); :class:`RowStepper` is the fast one for synthesis."""
         h = self.start(x_row)
         skip = 0
         for block, cond, cache in zip(self.blocks, self._conds(context_row), caches):
@@ -218,8 +249,95 @@ class WaveNet2D(nn.Module):
             window = torch.stack(cache[-1 - block.pad_h :: block.dh], dim=2)  # rows i - (k-1) d, ..., i: (B, C, k, W)
             del cache[: -block.pad_h or len(cache)]
             res, s = block.step(window, cond)
-            h, skip = h + res, skip + s
+            skip = skip + s
+            if res is not None:
+                h = h + res
         return self.end(skip)
+
+
+class RowStepper:
+    """The conditioner's row step for synthesis (no autograd): the same function as :meth:`WaveNet2D.step`, with
+    the weights rearranged once per call of :meth:`WaveFlowLayer.inverse` and every buffer preallocated.
+
+    - the output 1x1 convolution is linear after the skip sum, so it is folded into every layer's skip projection:
+      a layer computes ``C + 2`` channels (residual + its share of ``(log_s, t)``) instead of ``2C``, and the skip sum
+      is 2 channels wide;
+    - the convolution biases join the mel projection's bias (one add per layer less);
+    - each layer keeps its last ``(k-1) d + 1`` input rows in a ring written twice (positions ``j`` and ``j + P``),
+      so the rows a kernel sees are one contiguous slice: for height dilation 1 the window is a free view, and the
+      3x3 convolution is a 1-D convolution over ``k C`` stacked channels; rows live as (B, rows, C, W) so that a
+      residual add writes straight into the next layer's ring;
+    - the gate runs in place.
+    Weights are read from the module at construction (never cached across calls, so it is never stale).
+    """
+
+    def __init__(self, net: WaveNet2D, batch: int, width: int, like: Tensor) -> None:
+        C, L, k = net.channels, net.n_layers, net.blocks[0].k
+        self.C, self.k = C, k
+        self.w_start = net.start.weight.reshape(C, 1)
+        self.b_start = net.start.bias.reshape(C, 1)
+        w_end = net.end.weight.reshape(2, C)
+        b_end = net.end.bias.clone()
+        bias = []
+        self.blocks = []
+        for b in net.blocks:
+            w = b.conv.weight  # (2C, C, k, k) -> (2C, k C, k): input channel r C + c is row r's channel c
+            w3 = w.permute(0, 2, 1, 3).reshape(2 * C, k * C, k).contiguous()
+            wo = b.out.weight.reshape(-1, C)
+            bo = b.out.bias
+            if b.last:
+                w_rs, b_rs = w_end @ wo, w_end @ bo
+            else:
+                w_rs = torch.cat([wo[:C], w_end @ wo[C:]])
+                b_rs = torch.cat([bo[:C], w_end @ bo[C:]])
+            self.blocks.append((b, w3, w_rs[..., None].contiguous(), b_rs.contiguous()))
+            bias.append(b.conv.bias)
+        self.b_end = b_end.reshape(1, 2, 1)
+        bias = torch.cat(bias)  # (L 2C,)
+        if net.cond is not None:
+            self.w_cond = net.cond.weight.reshape(L * 2 * C, -1, 1)
+            self.b_cond = net.cond.bias + bias
+        else:
+            self.w_cond, self.b_cond = None, bias.reshape(1, L * 2 * C, 1)
+        # rings: (B, 2P, C, W) per layer, zeros = the causal padding above the first row
+        self.rings = [like.new_zeros(batch, 2 * (b.pad_h + 1), C, width) for b in net.blocks]
+        self.j = 0
+
+    def step(self, x_row: Tensor, context_row: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(log_s, t), each (B, W), of input row ``j`` (B, W) (``j`` = the number of earlier calls)."""
+        C, j = self.C, self.j
+        self.j += 1
+        if self.w_cond is not None:
+            conds = F.conv1d(context_row, self.w_cond, self.b_cond)  # (B, L 2C, W), conv biases included
+        else:
+            conds = self.b_cond
+        n = len(self.blocks)
+        h = torch.addcmul(self.b_start, self.w_start, x_row[:, None])  # (B, C, W)
+        skip = None
+        for i, (b, w3, w_rs, b_rs) in enumerate(self.blocks):
+            ring, P = self.rings[i], b.pad_h + 1
+            r = j % P
+            ring[:, r].copy_(h)
+            ring[:, r + P].copy_(h)
+            s = (j + 1) % P  # ring[s : s + P] = rows j - pad .. j, oldest first
+            if b.dh == 1:
+                window = ring[:, s : s + P].flatten(1, 2)  # (B, k C, W): a view
+            else:
+                window = ring[:, s : s + P : b.dh].flatten(1, 2)
+            a = F.conv1d(window, w3, None, padding=b.dw * (self.k - 1) // 2, dilation=b.dw)  # (B, 2C, W)
+            a += conds[:, i * 2 * C : (i + 1) * 2 * C]
+            a[:, :C].tanh_()
+            a[:, C:].sigmoid_()
+            g = a[:, :C].mul_(a[:, C:])
+            rs = F.conv1d(g, w_rs, b_rs)  # (B, C + 2, W) or (B, 2, W) for the last layer
+            skip = rs[:, -2:] if skip is None else skip + rs[:, -2:]
+            if i + 1 < n:
+                h = h + rs[:, :C]
+        out = skip + self.b_end
+        return out[:, 0], out[:, 1]
+
+
+FIRST_ROW = ("copy", "transform")
 
 
 class WaveFlowLayer(Flow):
@@ -228,8 +346,16 @@ class WaveFlowLayer(Flow):
     Shapes: ``x`` (B, h, W) (a squeezed waveform), ``context`` (B, context_channels, h, W) (the upsampled mel,
     squeezed the same way) or None. Both stay in the natural row order; the layer reads and writes them in
     ``order`` internally. Row ``order[k]`` is transformed with a scale and shift that depend on the rows
-    ``order[:k]`` and the context only. ``forward`` is one parallel pass; ``inverse`` is exact and fast
-    (``h`` steps of one row each, conv states cached); ``inverse_naive`` is the O(h^2) reference.
+    ``order[:k]`` and on context row ``order[k]`` only.
+
+    ``first_row="copy"`` (default, both reference implementations): row ``order[0]`` passes through unchanged and
+    the conditioner sees rows ``order[:h-1]`` to transform rows ``order[1:]``, so the inverse takes ``h - 1`` row
+    steps. ``"transform"`` (the paper's equations taken literally): row ``order[0]`` is transformed too, with a scale
+    and shift from the context alone (the conditioner's input shifted down by one zero row); ``h`` row steps.
+
+    ``forward`` is one parallel pass; ``inverse`` is exact and fast (one row of every convolution per step, conv
+    states cached: :class:`RowStepper` without autograd, :meth:`WaveNet2D.step` with it); ``inverse_naive`` is the
+    O(h^2) reference.
     """
 
     def __init__(
@@ -241,9 +367,13 @@ class WaveFlowLayer(Flow):
         dilations_h: Sequence[int] | None = None,
         order: Sequence[int] | None = None,
         kernel: int = 3,
+        first_row: str = "copy",
     ) -> None:
         super().__init__()
-        self.height = height
+        if first_row not in FIRST_ROW:
+            raise ValueError(f"WaveFlowLayer: first_row={first_row!r}: choose {' or '.join(FIRST_ROW)}")
+        self.height, self.first_row = height, first_row
+        self.first = 1 if first_row == "copy" else 0  # rows passed through unchanged
         order = list(range(height)) if order is None else [int(o) for o in order]
         if sorted(order) != list(range(height)):
             raise ValueError(f"WaveFlowLayer: order must be a permutation of 0..{height - 1}, got {order}")
@@ -251,6 +381,7 @@ class WaveFlowLayer(Flow):
         self.net = WaveNet2D(channels, n_layers, context_channels, dilations_h, kernel)
         self.register_buffer("order", torch.as_tensor(order), persistent=False)
         self.register_buffer("inverse_order", torch.argsort(self.order), persistent=False)
+        self.order_list = order
         self._natural = order == list(range(height))
 
     def _permute(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -264,24 +395,32 @@ class WaveFlowLayer(Flow):
         return x if self._natural else x[:, self.inverse_order]
 
     def _params(self, xp: Tensor, cp: Tensor | None) -> tuple[Tensor, Tensor]:
-        shifted = F.pad(xp, (0, 0, 1, 0))[:, None, :-1]  # row i sees rows < i: (B, 1, h, W)
-        log_s, t = self.net(shifted, cp).unbind(1)
+        """(log_s, t) of rows ``first .. h-1`` (permuted order), each (B, h - first, W)."""
+        if self.first:  # rows 0..h-2 predict rows 1..h-1 (the references' layout)
+            inp, ctx = xp[:, None, :-1], (None if cp is None else cp[:, :, 1:])
+        else:  # a zero row above: row i sees rows < i
+            inp, ctx = F.pad(xp, (0, 0, 1, 0))[:, None, :-1], cp
+        log_s, t = self.net(inp, ctx).unbind(1)
         return log_s, t
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         xp, cp = self._permute(x, context)
         log_s, t = self._params(xp, cp)
-        z, ld = affine_forward(xp, t, log_s)  # unbounded log-scale (scale "none"), as the paper
+        z, ld = affine_forward(xp[:, self.first :], t, log_s)  # unbounded log-scale (scale "none"), as the paper
+        if self.first:
+            z = torch.cat([xp[:, : self.first], z], dim=1)
         return self._unpermute(z), ld.flatten(1).sum(1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Fast exact inverse: ``h`` steps, each computing one row of every layer from the cached rows above."""
+        """Fast exact inverse: ``h - first`` steps, each computing one row of every layer from the cached rows."""
+        if not torch.is_grad_enabled():
+            return self._inverse_stepper(z, context)
         zp, cp = self._permute(z, context)
         batch, height, width = zp.shape
         caches = self.net.start_rows(batch, width, zp)
-        rows, logdet = [], zp.new_zeros(batch)
-        prev = zp.new_zeros(batch, 1, 1, width)
-        for i in range(height):
+        rows, logdet = [zp[:, : self.first]], zp.new_zeros(batch)
+        prev = zp[:, None, :1] if self.first else zp.new_zeros(batch, 1, 1, width)
+        for i in range(self.first, height):
             params = self.net.step(prev, None if cp is None else cp[:, :, i : i + 1], caches)
             log_s, t = params[:, 0], params[:, 1]  # (B, 1, W)
             x_row, ld = affine_inverse(zp[:, i : i + 1], t, log_s)
@@ -290,21 +429,56 @@ class WaveFlowLayer(Flow):
             prev = x_row[:, None]
         return self._unpermute(torch.cat(rows, dim=1)), logdet
 
+    def _inverse_stepper(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`inverse` without autograd: rows read and written in place through ``order``, no permuted copies."""
+        if z.dim() != 3 or z.shape[1] != self.height:
+            raise ValueError(f"WaveFlowLayer: expected x of shape (B, {self.height}, W), got {tuple(z.shape)}")
+        batch, height, width = z.shape
+        stepper = RowStepper(self.net, batch, width, z)
+        ctx = None if context is None else context.transpose(1, 2)  # (B, h, C, W) view: row r = ctx[:, r]
+        x = torch.empty_like(z)
+        neg_log_s = z.new_zeros(batch)
+        order = self.order_list
+        prev = z.new_zeros(batch, width)
+        if self.first:
+            x[:, order[0]] = prev = z[:, order[0]]
+        for i in range(self.first, height):
+            row = order[i]
+            log_s, t = stepper.step(prev, None if ctx is None else ctx[:, row])
+            prev = x[:, row]
+            torch.sub(z[:, row], t, out=prev)
+            prev.mul_(torch.exp(-log_s))
+            neg_log_s -= log_s.sum(1)
+        return x, neg_log_s
+
     def inverse_naive(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Reference inverse: ``h`` full passes of the conditioner, row ``i`` solved after pass ``i``."""
+        """Reference inverse: ``h - first`` full passes of the conditioner, row ``i`` solved after pass ``i``."""
         zp, cp = self._permute(z, context)
-        xp = torch.zeros_like(zp)
+        xp = torch.cat([zp[:, : self.first], torch.zeros_like(zp[:, self.first :])], dim=1)
         logdet = zp.new_zeros(zp.shape[0])
-        for i in range(self.height):
+        for i in range(self.first, self.height):
             log_s, t = self._params(xp, cp)
-            row, ld = affine_inverse(zp[:, i], t[:, i], log_s[:, i])
+            k = i - self.first
+            row, ld = affine_inverse(zp[:, i], t[:, k], log_s[:, k])
             xp = torch.cat([xp[:, :i], row[:, None], xp[:, i + 1 :]], dim=1)
             logdet = logdet + ld.sum(1)
         return self._unpermute(xp), logdet
 
 
+def upsample_factors_for(hop_length: int) -> list[int]:
+    """Two even factors of the hop, as close to its square root as they come (256 -> [16, 16], 128 -> [16, 8],
+    200 -> [20, 10]); one factor when no even pair exists (an even hop); an odd hop cannot be upsampled here."""
+    if hop_length < 2 or hop_length % 2:
+        raise ValueError(f"data.hop_length={hop_length}: the mel upsampler needs an even hop length")
+    for f in range(math.isqrt(hop_length), hop_length):
+        if hop_length % f == 0 and f % 2 == 0 and (hop_length // f) % 2 == 0 and f >= hop_length // f:
+            return [f, hop_length // f]
+    return [hop_length]
+
+
 class MelUpsampler(nn.Module):
-    """Mel frames to sample rate: 2-D transposed convs over (mel band, time), one per factor, leaky ReLU 0.4.
+    """Mel frames to sample rate: weight-normalised 2-D transposed convs over (mel band, time), one per factor,
+    leaky ReLU 0.4 (as both references).
 
     (B, n_mels, F) -> (B, n_mels, F * prod(factors)); kernel (3, 2 f), stride (1, f), padding (1, f / 2) makes
     each layer exactly ``f`` times longer.
@@ -318,7 +492,8 @@ class MelUpsampler(nn.Module):
         self.factors = [int(f) for f in factors]
         self.hop = math.prod(self.factors)
         self.layers = nn.ModuleList(
-            nn.ConvTranspose2d(1, 1, (3, 2 * f), stride=(1, f), padding=(1, f // 2)) for f in self.factors
+            weight_norm(nn.ConvTranspose2d(1, 1, (3, 2 * f), stride=(1, f), padding=(1, f // 2)))
+            for f in self.factors
         )
 
     def forward(self, mel: Tensor) -> Tensor:
@@ -359,20 +534,47 @@ class WaveFlow(nn.Module):
         n_layers: int = 8,
         channels: int = 64,
         n_mels: int = 80,
-        upsample_factors: Sequence[int] = (16, 16),
+        hop_length: int | None = 256,
+        upsample_factors: Sequence[int] | None = None,
         permutation: str = "paper",
         dilations_h: Sequence[int] | None = None,
         kernel: int = 3,
+        first_row: str = "copy",
     ) -> None:
         super().__init__()
         if not 2 <= height <= 64:
             raise ValueError(f"WaveFlow: height must be in 2..64 (the paper uses 8..64), got {height}")
-        self.height, self.n_mels = height, n_mels
+        if upsample_factors is None:
+            if hop_length is None:
+                raise ValueError("WaveFlow: give hop_length (the mel's hop, data.hop_length) or upsample_factors")
+            upsample_factors = upsample_factors_for(hop_length)
+        elif hop_length is not None and math.prod(upsample_factors) != hop_length:
+            raise ValueError(
+                f"WaveFlow: model.upsample_factors={list(upsample_factors)} upsample the mel by "
+                f"{math.prod(upsample_factors)}, but data.hop_length={hop_length}: the conditioning would be "
+                "misaligned with the audio (set model.upsample_factors=null to derive them from the hop)"
+            )
+        self.height, self.n_mels, self.first_row = height, n_mels, first_row
         self.upsampler = MelUpsampler(upsample_factors)
         self.hop = self.upsampler.hop
         orders = height_orders(height, n_flows, permutation)
-        layers = [WaveFlowLayer(height, n_mels, channels, n_layers, dilations_h, order, kernel) for order in orders]
+        layers = [
+            WaveFlowLayer(height, n_mels, channels, n_layers, dilations_h, order, kernel, first_row)
+            for order in orders
+        ]
         self.flow = FlowModel(Sequential(HeightSqueeze(height), *layers), LatentNormal(height))
+
+    def check_hop(self, hop_length: int) -> None:
+        """Refuse a mel whose hop is not the model's upsampling product (both numbers in the message)."""
+        if hop_length != self.hop:
+            raise ValueError(
+                f"WaveFlow: the model upsamples the mel by {self.hop} (factors {self.upsampler.factors}), but the "
+                f"mel's hop length is {hop_length}: the conditioning would be misaligned with the audio"
+            )
+
+    def fold_weight_norm(self) -> WaveFlow:
+        """Remove weight normalisation for synthesis (same function, :func:`fold_weight_norm`); returns self."""
+        return fold_weight_norm(self)
 
     @property
     def layers(self) -> list[WaveFlowLayer]:

@@ -25,18 +25,9 @@ class WaveFlowModule(FlowModule):
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        optimizer: Any,
-        scheduler: Any = None,
-        scheduler_interval: str = "step",
-        ema_decay: float | None = None,
-        sample_every_n_epochs: int = 1,
-        sigma: float = 1.0,
-        sample_seconds: float = 1.0,
-        sample_rate: int = 22050,
+        self, model: nn.Module, sigma: float = 1.0, sample_seconds: float = 1.0, sample_rate: int = 22050, **kwargs: Any
     ) -> None:
-        super().__init__(model, optimizer, scheduler, scheduler_interval, ema_decay, sample_every_n_epochs)
+        super().__init__(model, **kwargs)  # optimizer, scheduler, ema_decay, ... as FlowModule takes them
         self.sigma, self.sample_seconds, self.sample_rate = sigma, sample_seconds, sample_rate
 
     def num_dims(self, x: Tensor) -> int:
@@ -53,6 +44,7 @@ class WaveFlowModule(FlowModule):
             return
         model = self.eval_model
         hop = model.hop
+        model.check_hop(val.mel_config.hop_length)
         audio = torch.from_numpy(val.audio(0))
         n = min(len(audio), int(self.sample_seconds * self.sample_rate)) // (hop * model.height) * hop * model.height
         if n == 0:
