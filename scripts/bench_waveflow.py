@@ -1,11 +1,24 @@
-"""WaveFlow speed: synthesis as a multiple of real time (22,050 Hz) and training step time.
+"""WaveFlow speed: synthesis as a multiple of real time (22,050 Hz) and the training step time.
 
-    python -m scripts.bench_waveflow                       # CPU (and the GPU when there is one)
-    python -m scripts.bench_waveflow --gpu-seconds 10 --compile --json bench.json
+    python -m scripts.bench_waveflow                                   # CPU (and the GPU when there is one)
+    python -m scripts.bench_waveflow --device cpu --threads 2 --port /tmp/WaveFlow --rounds 3
+    python -m scripts.bench_waveflow --quick --json bench.json         # toy sizes, a few seconds
 
-Models are the paper's (h=16, 8 flows x 8 layers) at 64 and 128 residual channels, with random weights (speed
-does not depend on them). Synthesis uses the cached row-by-row inverse under ``torch.inference_mode``; one
-warm-up call precedes the timed ones. The paper's anchor: 5.91 M parameters, 42.6x real time on a V100 (fp16).
+Synthesis is timed as Parakeet's WaveFlow benchmark times it (``apps.waveflow.commands.measure_rtf``): a warm-up
+call first (and torch.compile, where used, inside it), then ``--repeats`` timed calls under
+``torch.inference_mode``, the median reported; batch 1 and batch 8 are separate rows (``x_realtime`` counts the
+audio of the whole batch). Models are the paper's (h=16, 8 flows x 8 layers) at 64 (and 128) residual channels
+with random weights (speed does not depend on them), weight norm folded.
+
+``--port PATH`` times the PyTorch port (L0SG/WaveFlow, a checkout at PATH; never vendored here) on the same
+machine, in alternating rounds with ours (``--rounds``): the same paper model with its weight norm removed and its
+mel projections fused as its README does, ``reverse_fast`` synthesis, and its training step (forward, its loss,
+backward, Adam). Rows give the median over rounds, and the ratio to the port.
+
+Training: one step (forward, backward, Adam) at batch 2 x 16,000 samples, steady state after two warm-up steps.
+
+GPU (``--device cuda``): fp32, bf16 and fp16 synthesis, and the CUDA-graph path
+(``apps.waveflow.cuda_graph.GraphSynthesizer``: the whole synthesis of one shape captured once, replayed).
 """
 
 from __future__ import annotations
@@ -13,125 +26,259 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from apps.waveflow.commands import prepare_for_inference, timed_synthesis
+from apps.waveflow.commands import measure_rtf, prepare_for_inference, timed_synthesis
 from apps.waveflow.model import WaveFlow
+from core.benchmark import sync
 
 SR = 22050
 HOP = 256
 
 
-def _model(channels: int) -> WaveFlow:
+def _randomise_outputs(model: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """Move the zero-initialised output convs off zero, so the timed maths is that of a trained model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(n in name for n in names):
+                p.normal_(0, 0.01)
+
+
+def our_model(channels: int, layers: int = 8, flows: int = 8) -> WaveFlow:
     torch.manual_seed(0)
-    model = WaveFlow(height=16, n_flows=8, n_layers=8, channels=channels)
-    with torch.no_grad():  # leave the identity initialisation so the numbers are those of a trained model's maths
-        for layer in model.layers:
-            layer.net.end.weight.normal_(0, 0.01)
+    model = WaveFlow(height=16, n_flows=flows, n_layers=layers, channels=channels)
+    _randomise_outputs(model, (".end.",))
     return model
 
 
-def bench_synthesis(channels: int, device: str, dtype: torch.dtype, seconds: float, repeats: int, fast: bool = True,
-                    compile: bool = False) -> dict:  # fmt: skip
-    model = prepare_for_inference(_model(channels), torch.device(device), dtype, compile)
-    frames = max(1, round(seconds * SR / HOP))
-    mel = torch.randn(1, 80, frames, device=device) - 5.0
-    timed_synthesis(model, mel, 1.0, fast=fast)  # warm-up (and compilation) on the timed shape
-    times = [timed_synthesis(model, mel, 1.0, fast=fast)[1] for _ in range(repeats)]
-    t = statistics.median(times)
-    audio = frames * HOP / SR
-    return {
-        "what": "synthesis" + ("" if fast else " (naive inverse)"), "device": device,
-        "dtype": str(dtype).replace("torch.", ""), "channels": channels,
-        "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "audio_s": audio, "time_s": t,
-        "x_real_time": audio / t, "kHz": frames * HOP / t / 1e3, "compile": compile,
-    }  # fmt: skip
+def port_model(path: Path, channels: int, layers: int = 8, flows: int = 8) -> torch.nn.Module:
+    """The port's WaveFlow (bipartite permutation = the paper's, as ours), imported from its checkout."""
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))  # the port's own modules import each other by bare name
+    from models.waveflow import WaveFlow as PortWaveFlow
+
+    torch.manual_seed(0)
+    model = PortWaveFlow(1, 80, channels, 16, flows, layers, 1, bipartize=True)
+    _randomise_outputs(model, ("proj_log_s_t",))
+    return model
 
 
-def bench_training(channels: int, device: str, batch: int, segment: int, repeats: int, bf16: bool = False) -> dict:
-    model = _model(channels).to(device).train()
+# ---- synthesis ------------------------------------------------------------------------------------------------
+def our_synthesis(channels: int, device: str, dtype: torch.dtype, frames: int, batch: int, layers: int = 8,
+                  flows: int = 8, compile: bool = False) -> tuple[Callable[[], float], float, dict]:  # fmt: skip
+    model = prepare_for_inference(our_model(channels, layers, flows), torch.device(device), dtype, compile)
+    mel = torch.randn(batch, 80, frames, device=device) - 5.0
+    audio_s = batch * frames * HOP / SR
+    info = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    return (lambda: timed_synthesis(model, mel, 1.0)[1]), audio_s, info
+
+
+def graph_synthesis(channels: int, dtype: torch.dtype, frames: int, batch: int, layers: int = 8,
+                    flows: int = 8) -> tuple[Callable[[], float], float, dict]:  # fmt: skip
+    from apps.waveflow.cuda_graph import GraphSynthesizer
+
+    model = prepare_for_inference(our_model(channels, layers, flows), torch.device("cuda"), dtype)
+    mel = torch.randn(batch, 80, frames, device="cuda") - 5.0
+    synth = GraphSynthesizer(model, batch, frames)
+
+    def run() -> float:
+        sync("cuda")
+        t0 = time.perf_counter()
+        synth(mel)
+        sync("cuda")
+        return time.perf_counter() - t0
+
+    return run, batch * frames * HOP / SR, {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def port_synthesis(path: Path, channels: int, frames: int, batch: int, layers: int = 8,
+                   flows: int = 8) -> tuple[Callable[[], float], float, dict]:  # fmt: skip
+    model = port_model(path, channels, layers, flows).eval()
+    model.remove_weight_norm()
+    model.fuse_conditioning_layers()
+    info = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    mel = torch.randn(batch, 80, frames) - 5.0
+    with torch.inference_mode():
+        samples = model.reverse_fast(mel[:1]).shape[-1]  # it trims the upsampler's tail: fewer samples than F * hop
+
+    def run() -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.reverse_fast(mel, 1.0)
+            return time.perf_counter() - t0
+
+    return run, batch * samples / SR, info
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+def our_training(channels: int, device: str, batch: int, segment: int, layers: int = 8, flows: int = 8,
+                 bf16: bool = False) -> tuple[Callable[[], float], dict]:  # fmt: skip
+    model = our_model(channels, layers, flows).to(device).train()
     opt = torch.optim.Adam(model.parameters(), 2e-4)
     x = 0.1 * torch.randn(batch, segment, device=device)
     mel = torch.randn(batch, 80, segment // HOP + 1, device=device) - 5.0
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def step() -> None:
+    def run() -> float:
+        sync(device)
+        t0 = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = -model.log_prob(x, mel).mean() / segment
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync(device)
+        return time.perf_counter() - t0
 
-    step()
-    times = []
-    for _ in range(repeats):
-        sync()
+    return run, {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def port_training(path: Path, channels: int, batch: int, segment: int, layers: int = 8,
+                  flows: int = 8) -> tuple[Callable[[], float], dict]:  # fmt: skip
+    model = port_model(path, channels, layers, flows).train()
+    from models.loss import WaveFlowLossDataParallel
+
+    loss_fn = WaveFlowLossDataParallel(1.0)
+    opt = torch.optim.Adam(model.parameters(), 2e-4)
+    x = 0.1 * torch.randn(batch, segment)
+    mel = torch.randn(batch, 80, segment // HOP + 1) - 5.0
+
+    def run() -> float:
         t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    return {
-        "what": f"train step (batch {batch} x {segment})", "device": device,
-        "dtype": "bf16-mixed" if bf16 else "float32", "channels": channels,
-        "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "time_s": t,
-        "kHz": batch * segment / t / 1e3,
-    }  # fmt: skip
+        loss = loss_fn(model(x, mel))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    return run, {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def main() -> None:
+# ---- driver ---------------------------------------------------------------------------------------------------
+def _alternate(runs: dict[str, Callable[[], float]], warmup: int, repeats: int, rounds: int) -> dict[str, list[float]]:
+    """Warm every contender up, then ``rounds`` rounds of ``repeats`` timed calls each, contenders alternating."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name] += [run() for _ in range(repeats)]
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu-seconds", type=float, default=0.5, help="audio length synthesised on the CPU")
-    p.add_argument("--gpu-seconds", type=float, default=5.0, help="audio length synthesised on the GPU")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cpu-half", action="store_true", help="also bf16 synthesis on the CPU (slow on most CPUs)")
-    p.add_argument("--naive", action="store_true", help="also time the naive O(h^2) inverse (64 channels, CPU)")
-    p.add_argument("--compile", action="store_true", help="also torch.compile the row step (GPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quick", action="store_true", help="toy sizes (a few seconds on a CPU)")
+    p.add_argument("--seconds", type=float, default=None, help="audio per synthesis (default: CPU 2 s, GPU 10 s)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="synthesis batch sizes, one row each")
+    p.add_argument("--channels", type=int, nargs="+", default=[64], help="residual channels (paper: 64 and 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per round")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds (with --port)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--port", type=Path, default=None, help="a checkout of L0SG/WaveFlow to time beside ours (CPU)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile the row step")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-synthesis", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", type=Path, default=None, help="write the rows here")
-    args = p.parse_args()
+    p.add_argument("--json", type=Path, default=None, help="write the rows here (a JSON list)")
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    layers, flows, segment, train_batch = (2, 2, 2048, 2) if args.quick else (8, 8, 16000, 2)
+    seconds = args.seconds or (0.1 if args.quick else (2.0 if device == "cpu" else 10.0))
+    frames = max(1, round(seconds * SR / HOP))
+    batches = [1, 2] if args.quick else args.batches
+    channels_list = [8] if args.quick else args.channels
+    repeats = 1 if args.quick else args.repeats
+    model_name = f"h=16, {flows} flows x {layers} layers"
 
     rows = []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        secs = args.cpu_seconds if device == "cpu" else args.gpu_seconds
-        dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
-        if device == "cpu" and args.cpu_half:
-            dtypes.append(torch.bfloat16)
-        for channels in (64, 128):
-            for dtype in dtypes:
-                rows.append(bench_synthesis(channels, device, dtype, secs, args.repeats))
-                Console().print(rows[-1])
-            if device == "cuda" and args.compile:
-                rows.append(bench_synthesis(channels, device, torch.float16, secs, args.repeats, compile=True))
-        if device == "cpu" and args.naive:
-            rows.append(bench_synthesis(64, device, torch.float32, args.cpu_seconds / 2, 1, fast=False))
-            rows.append(bench_synthesis(64, device, torch.float32, args.cpu_seconds / 2, 1, fast=True))
+    for channels in channels_list:
+        if not args.no_synthesis:
+            for batch in batches:
+                precisions = ["fp32"] + (["bf16", "fp16", "cuda-graph fp16", "cuda-graph bf16"] if device == "cuda"
+                                         else [])  # fmt: skip
+                runs, meta = {}, {}
+                for prec in precisions:
+                    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec.split()[-1]]
+                    if prec.startswith("cuda-graph"):
+                        runs[prec], audio_s, info = graph_synthesis(channels, dtype, frames, batch, layers, flows)
+                    else:
+                        runs[prec], audio_s, info = our_synthesis(channels, device, dtype, frames, batch, layers, flows)
+                    meta[prec] = (audio_s, info, "flowsuite")
+                    if args.compile:
+                        key = prec + " +compile"
+                        runs[key], audio_s, info = our_synthesis(channels, device, dtype, frames, batch, layers, flows,
+                                                                 compile=True)  # fmt: skip
+                        meta[key] = (audio_s, info, "flowsuite")
+                if args.port is not None and device == "cpu":
+                    runs["port fp32"], audio_s, info = port_synthesis(args.port, channels, frames, batch, layers, flows)
+                    meta["port fp32"] = (audio_s, info, "L0SG/WaveFlow")
+                if args.port is None:  # one contender at a time: measure_rtf is the routine evaluate uses
+                    times = {k: measure_rtf(run, meta[k][0], args.warmup, repeats)["seconds"] for k, run in runs.items()}
+                else:
+                    times = _alternate(runs, args.warmup, repeats, args.rounds)
+                for prec, ts in times.items():
+                    audio_s, info, impl = meta[prec]
+                    t = statistics.median(ts)
+                    rows.append({
+                        "what": "synthesis", "impl": impl, "device": device, "precision": prec, "channels": channels,
+                        "batch": batch, "model": model_name, "params_M": info["params_M"], "audio_s": audio_s,
+                        "time_s": t, "times_s": ts, "x_realtime": audio_s / t,
+                    })  # fmt: skip
+                    Console().print({k: v for k, v in rows[-1].items() if k != "times_s"})
+                if "port fp32" in times:
+                    ours = next(r for r in rows[-len(times):] if r["precision"] == "fp32")
+                    port = rows[-1]
+                    ours["vs_port"] = ours["x_realtime"] / port["x_realtime"]
         if not args.no_train:
-            batch = 8 if device == "cuda" else 1
-            for channels in (64, 128):
-                rows.append(bench_training(channels, device, batch, 16000, args.repeats))
-                if device == "cuda":
-                    rows.append(bench_training(channels, device, batch, 16000, args.repeats, bf16=True))
+            runs, meta = {}, {}
+            runs["fp32"], meta["fp32"] = our_training(channels, device, train_batch, segment, layers, flows)
+            if device == "cuda":
+                runs["bf16-mixed"], meta["bf16-mixed"] = our_training(channels, device, train_batch, segment, layers,
+                                                                      flows, bf16=True)  # fmt: skip
+            if args.port is not None and device == "cpu":
+                runs["port fp32"], meta["port fp32"] = port_training(args.port, channels, train_batch, segment, layers,
+                                                                     flows)  # fmt: skip
+            times = _alternate(runs, 1 if args.quick else 2, repeats, args.rounds)
+            for prec, ts in times.items():
+                t = statistics.median(ts)
+                rows.append({
+                    "what": f"train step (batch {train_batch} x {segment})", "device": device, "precision": prec,
+                    "impl": "L0SG/WaveFlow" if prec.startswith("port") else "flowsuite", "channels": channels,
+                    "batch": train_batch, "model": model_name, "params_M": meta[prec]["params_M"], "time_s": t,
+                    "times_s": ts, "kHz": train_batch * segment / t / 1e3,
+                })  # fmt: skip
+            if "port fp32" in times:
+                ours = next(r for r in rows[-len(times):] if r["precision"] == "fp32")
+                ours["vs_port"] = ours["time_s"] / rows[-1]["time_s"]
 
-    table = Table(title=f"WaveFlow speed (h=16, 8 flows x 8 layers; {torch.get_num_threads()} CPU threads)")
-    for col in ("what", "device", "dtype", "channels", "params (M)", "audio (s)", "time (s)", "x real time", "kHz"):
-        table.add_column(col, justify="left" if col in ("what", "device", "dtype") else "right")
+    title = (f"WaveFlow speed ({model_name}; {device}, {torch.get_num_threads()} CPU threads; "
+             f"median of {repeats} x {args.rounds} timed calls after {args.warmup} warm-up)")  # fmt: skip
+    table = Table(title=title)
+    cols = ("what", "impl", "precision", "channels", "batch", "params (M)", "audio (s)", "time (s)", "x real time",
+            "vs port")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("what", "impl", "precision") else "right")
     for r in rows:
         table.add_row(
-            r["what"] + (" +compile" if r.get("compile") else ""), r["device"], r["dtype"], str(r["channels"]),
-            f"{r['params_M']:.2f}", f"{r['audio_s']:.2f}" if "audio_s" in r else "-", f"{r['time_s']:.3f}",
-            f"{r['x_real_time']:.3f}" if "x_real_time" in r else "-", f"{r['kHz']:.1f}",
+            r["what"], r["impl"], r["precision"], str(r["channels"]), str(r["batch"]), f"{r['params_M']:.2f}",
+            f"{r['audio_s']:.2f}" if "audio_s" in r else "-", f"{r['time_s']:.3f}",
+            f"{r['x_realtime']:.3f}" if "x_realtime" in r else "-",
+            f"{r['vs_port']:.2f}x" if "vs_port" in r else "-",
         )  # fmt: skip
-    Console(width=160).print(table)
+    Console(width=180).print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

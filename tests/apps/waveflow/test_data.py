@@ -86,7 +86,7 @@ def test_ljspeech_loader_skips_bad_files_with_a_count(corpus, caplog):
     with caplog.at_level(logging.WARNING):
         utts = find_utterances(corpus)
     assert len(utts) == 10 and "1 of 11 ids have no wav" in caplog.text and "LJ000-0999" in caplog.text
-    splits = split_utterances(utts, None, val_size=2, test_size=2, seed=0)
+    splits = split_utterances(utts, None, val_size=2, test_size=2, seed=0, held_out="random")
     assert sorted(len(v) for v in splits.values()) == [2, 2, 6]
     assert not set(u.id for u in splits["train"]) & set(u.id for u in splits["val"] + splits["test"])
     with caplog.at_level(logging.WARNING):
@@ -121,10 +121,26 @@ def test_segments_are_aligned_with_the_whole_utterance_mel():
         torch.testing.assert_close(item["context"], full[:, k : k + 4096 // 256 + 1])
 
 
+def test_first_utterances_are_held_out_as_the_references_do(corpus):
+    """Without split lists the test set is the first test_size ids (Parakeet: LJ001-0001..0016), val the next ones."""
+    utts = find_utterances(corpus)
+    splits = split_utterances(utts, None, val_size=2, test_size=3)
+    assert [u.id for u in splits["test"]] == ["LJ000-0000", "LJ000-0001", "LJ000-0002"]
+    assert [u.id for u in splits["val"]] == ["LJ000-0003", "LJ000-0004"]
+    assert len(splits["train"]) == 5 and splits["test"][0] not in splits["train"]
+    dm = SpeechDataModule(root=str(corpus), splits_dir=None, test_size=3, val_size=2, segment_length=2048)
+    assert dm.describe("test").startswith(f"the first 3 utterances of {corpus} in id order (LJ000-0000..LJ000-0002")
+    with pytest.raises(ValueError, match="held_out='last'"):
+        split_utterances(utts, None, held_out="last")
+
+
 def test_builtin_corpus_and_split_lists():
     dm = SpeechDataModule(segment_length=4096)
     dm.setup()
     assert [len(dm.sets[s].utterances) for s in ("train", "val", "test")] == [26, 3, 3]
+    # the built-in test set: the references' held-out utterances (LJ001-0001..0016) that the built-in clips hold
+    assert [u.id for u in dm.sets["test"].utterances] == ["LJ001-0002", "LJ001-0008", "LJ001-0013"]
+    assert "references' held-out set" in dm.describe("test") and "(3 utterances" in dm.describe("test")
     assert not dm.sets["train"].skipped
     full = dm.full_utterances("test", multiple_of=16)
     item = full[0]

@@ -96,14 +96,25 @@ def test_bad_input_is_named(trained, tmp_path):
 
 
 def test_evaluate_reports_likelihood_mel_l1_mcd_and_speed(trained, tmp_path):
-    proc = run_cli("waveflow", "evaluate", f"ckpt={trained}", "max_utterances=2", f"hydra.run.dir={tmp_path}")
+    proc = run_cli("waveflow", "evaluate", f"ckpt={trained}", "max_utterances=2", "rtf.frames=4", "rtf.repeats=2",
+                   f"hydra.run.dir={tmp_path}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["n_utterances"] == 2 and m["split"] == "test"
-    for key in ("test_ll_per_sample_nats", "mel_l1", "mcd_db", "rtf", "x_real_time"):
+    # the test set is named, with its size: the references' held-out utterances the built-in clips hold
+    assert "references' held-out set" in m["test_set"] and "(3 utterances: LJ001-0002" in m["test_set"]
+    for key in ("test_ll_per_sample_nats", "mel_l1", "mcd_db", "x_real_time_batch1", "x_real_time_batch8"):
         assert np.isfinite(m[key]), key
+    # Parakeet's protocol: one warm-up call, then the timed repeats, batch 1 and batch 8 apart
+    assert [(s["batch"], s["warmup"], len(s["seconds"]), s["frames"]) for s in m["speed"]] == [(1, 1, 2, 4), (8, 1, 2, 4)]
     assert m["mel_l1"] > 0 and m["mcd_db"] > 0 and len(list((tmp_path / "wavs").glob("*.wav"))) == 2
     assert "test_ll_per_sample_nats" in proc.stdout
+
+
+def test_evaluate_refuses_a_mel_hop_the_model_was_not_trained_for(trained, tmp_path):
+    proc = run_cli("waveflow", "evaluate", f"ckpt={trained}", "data.hop_length=128", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "upsamples the mel by 256" in proc.stderr and "hop length is 128" in proc.stderr
 
 
 def test_ddp_two_cpu_processes(tmp_path):
