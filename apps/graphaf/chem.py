@@ -169,8 +169,13 @@ def canonical_smiles(mol_or_smiles: Chem.Mol | str | None) -> str | None:
         return None
 
 
-def smiles_to_graph(smiles: str, vocab: AtomVocab, max_atoms: int, check_roundtrip: bool = True) -> MolGraph:
-    """Parse, kekulize and convert; raises :class:`GraphError` with the reason a row is unusable."""
+def smiles_to_graph(
+    smiles: str, vocab: AtomVocab, max_atoms: int, check_roundtrip: bool = True, drop_charges: bool = False
+) -> MolGraph:
+    """Parse, kekulize and convert; raises :class:`GraphError` with the reason a row is unusable.
+
+    ``drop_charges`` (DIG): a charged atom becomes its element's token; a molecule that had one is not checked
+    against the valence table nor round-tripped (its neutral graph can exceed the element's valence)."""
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise GraphError("unparsable", f"RDKit cannot parse {smiles!r}")
@@ -186,10 +191,12 @@ def smiles_to_graph(smiles: str, vocab: AtomVocab, max_atoms: int, check_roundtr
     except Exception as e:  # noqa: BLE001
         raise GraphError("kekulize", str(e)) from None
     types = []
+    charged = False
     for a in mol.GetAtoms():
         if a.GetNumRadicalElectrons():
             raise GraphError("radical", f"atom {a.GetIdx()} ({a.GetSymbol()}) has radical electrons")
-        tok = token_of(a.GetSymbol(), a.GetFormalCharge())
+        charged |= a.GetFormalCharge() != 0
+        tok = token_of(a.GetSymbol(), 0 if drop_charges else a.GetFormalCharge())
         if tok not in vocab.tokens:
             raise GraphError("atom_not_in_vocab", f"atom {tok!r} not in {list(vocab.tokens)}")
         types.append(vocab.index(tok))
@@ -203,6 +210,8 @@ def smiles_to_graph(smiles: str, vocab: AtomVocab, max_atoms: int, check_roundtr
     val = np.zeros(len(types), dtype=np.int64)
     np.add.at(val, g.bonds[:, 0], BOND_ORDER[g.bonds[:, 2]])
     np.add.at(val, g.bonds[:, 1], BOND_ORDER[g.bonds[:, 2]])
+    if drop_charges and charged:
+        return g
     over = np.nonzero(val > np.asarray(vocab.max_valence)[g.types])[0]
     if len(over):
         i = int(over[0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,8 @@ from apps.graphaf.data import MoleculeDataModule, graphs_to_batch, read_smiles
 from apps.graphaf.metrics import generation_metrics, property_metrics, property_table
 from apps.graphaf.module import draw_grid
 from apps.graphaf.optimize import optimize
-from core.training import fit, restore
+from core.paths import resolve_path
+from core.training import Restored, command_loggers, fit, restore
 from core.training.media import log_image, log_table
 from core.training.reporting import print_metrics, resolve_device
 from core.training.runner import write_json
@@ -92,23 +92,18 @@ def _write_smiles(path: Path, smiles: list[str]) -> None:
     path.write_text("\n".join(smiles) + "\n")
 
 
-def _load(cfg: DictConfig):
-    restored = restore(cfg.ckpt, app=cfg.app, map_location=resolve_device(cfg.get("device")))
-    return restored.module, restored.module.eval_model.eval(), restored.cfg
-
-
-def _wandb_shim(cfg: DictConfig) -> Any:
-    """An object the media helpers accept (``loggers``, ``global_step``) when ``logger`` is set; else None."""
-    lg = cfg.get("logger")
-    if not lg:
-        return None
-    return SimpleNamespace(loggers=[instantiate(lg)], global_step=0)
+def _restore(cfg: DictConfig, data_path: str | None = None) -> Restored:
+    """The checkpoint ``cfg.ckpt`` (file or run directory) on ``cfg.device``; ``data_path`` replaces the training data
+    file its config names (a file that has moved)."""
+    overrides = {"data": {"path": str(data_path)}} if data_path else None
+    return restore(cfg.ckpt, overrides, app=cfg.app, map_location=resolve_device(cfg.get("device")))
 
 
 def sample(cfg: DictConfig) -> Path:
     """``n`` molecules from a checkpoint: samples.smi (one per line, invalid ones included as RDKit rejects them),
     samples.png (a grid of the first valid ones), metrics.json (validity, throughput) and a W&B table."""
-    _, model, _ = _load(cfg)
+    restored = _restore(cfg)
+    model = restored.module.eval_model.eval()
     torch.manual_seed(cfg.seed)
     smiles, valid, secs = generate_smiles(
         model, cfg.n, cfg.batch_size, cfg.temperature, cfg.valency_check, "sampling"
@@ -116,29 +111,18 @@ def sample(cfg: DictConfig) -> Path:
     out = Path(cfg.output_dir)
     _write_smiles(out / "samples.smi", smiles)
     png = draw_grid([s for s, v in zip(smiles, valid) if v][: cfg.grid], out / "samples.png")
-    result = {"n": cfg.n, "validity": float(np.mean(valid)), "molecules_per_s": cfg.n / secs, "ckpt": str(cfg.ckpt)}
+    result = {
+        "n": cfg.n, "validity": float(np.mean(valid)), "molecules_per_s": cfg.n / secs, "ckpt": str(restored.path),
+        "temperature": cfg.temperature, "valency_check": bool(cfg.valency_check),
+    }  # fmt: skip
     write_json(out / "metrics.json", result)
-    shim = _wandb_shim(cfg)
-    if shim is not None:
-        log_table(shim, "samples/smiles", ["smiles", "valid"], [[s, v] for s, v in zip(smiles, valid)])
-        if png is not None:
-            log_image(shim, "samples/molecules", png)
-        _finish_wandb()
+    with command_loggers(cfg, restored.global_step) as target:
+        if target is not None:
+            log_table(target, "samples/smiles", ["smiles", "valid"], [[s, v] for s, v in zip(smiles, valid)])
+            if png is not None:
+                log_image(target, "samples/molecules", png)
     log.info("wrote %d molecules to %s (validity %.3f)", cfg.n, out / "samples.smi", result["validity"])
     return out / "samples.smi"
-
-
-def _finish_wandb() -> None:
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
-
-
-def _datamodule(ckpt_cfg: DictConfig) -> MoleculeDataModule:
-    dm = instantiate(ckpt_cfg.data)
-    dm.setup("fit")
-    return dm
 
 
 @torch.no_grad()
@@ -161,13 +145,25 @@ def reconstruction_rate(model, dm: MoleculeDataModule, n: int, batch_size: int =
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Metrics of a checkpoint's samples (``ckpt=``) or of any SMILES file (``smiles=<file> reference=<file>``)."""
+    """Metrics of a checkpoint's samples (``ckpt=``) or of any SMILES file (``smiles=<file> reference=<file>``).
+
+    Novelty is measured against every molecule of the reference: the checkpoint's whole data set (training and
+    validation split, as DIG's ``RandGenEvaluator``; ``data_path=`` if its file has moved), or the ``reference`` file.
+    """
     rng = np.random.default_rng(cfg.seed)
     result: dict[str, Any] = {}
     if cfg.ckpt:
-        _, model, ckpt_cfg = _load(cfg)
-        dm = _datamodule(ckpt_cfg)
-        train_smiles = dm.train_smiles
+        restored = _restore(cfg, cfg.get("data_path"))
+        model = restored.module.eval_model.eval()
+        dm = restored.datamodule
+        data_file = resolve_path(dm.path)
+        if not data_file.is_file():
+            raise FileNotFoundError(
+                f"{restored.path} was trained on {data_file}, which does not exist; give data_path=<that SMILES file>"
+            )
+        dm.setup("fit")
+        reference = dm.reference_smiles
+        result["novelty_reference"] = dm.reference_description
         torch.manual_seed(cfg.seed)
         smiles, valid, secs = generate_smiles(
             model, cfg.n, cfg.batch_size, cfg.temperature, True, "sampling (valency check)"
@@ -179,22 +175,34 @@ def evaluate(cfg: DictConfig) -> dict:
         result["molecules_per_s"] = cfg.n / secs
         result.update(reconstruction_rate(model, dm, cfg.reconstruct_n))
         generated = [s if v else None for s, v in zip(smiles, valid)]
-        result["source"] = str(cfg.ckpt)
+        result["source"] = str(restored.path)
+        result["protocol"] = (
+            f"{cfg.n} samples at temperature {cfg.temperature} (seed {cfg.seed}) with and without the valency check; "
+            f"uniqueness and novelty over the valid ones of the checked samples; reconstruction of "
+            f"{result['reconstruction_n']} validation molecules (fixed BFS order, dequantization noise 0.5)"
+        )
         _write_smiles(Path(cfg.output_dir) / "samples.smi", smiles)
     elif cfg.smiles:
         if not cfg.reference:
             raise ValueError("evaluate smiles=<file>: give reference=<training SMILES file> for novelty and properties")
-        generated = [s for _, s in read_smiles(cfg.smiles, cfg.smiles_column)]
-        ref_rows = read_smiles(cfg.reference, cfg.reference_column)
-        train_smiles = [c for _, s in tqdm(ref_rows, desc="reference", unit="mol") if (c := canonical_smiles(s))]
+        generated = [s for _, s in read_smiles(cfg.smiles, cfg.smiles_column, "smiles_column", skip_blank=True)]
+        if not generated:
+            raise ValueError(f"{resolve_path(cfg.smiles)}: no SMILES to evaluate (the file has no rows)")
+        ref_rows = read_smiles(cfg.reference, cfg.reference_column, "reference_column", skip_blank=True)
+        reference = [c for _, s in tqdm(ref_rows, desc="reference", unit="mol") if (c := canonical_smiles(s))]
+        if not reference:
+            raise ValueError(
+                f"{resolve_path(cfg.reference)}: no molecule RDKit can parse; novelty needs a reference set"
+            )
         result["source"] = str(cfg.smiles)
+        result["novelty_reference"] = f"all {len(reference)} parsable molecules of {resolve_path(cfg.reference)}"
     else:
         raise ValueError("evaluate: give ckpt=<checkpoint> or smiles=<file> reference=<training file>")
-    m = generation_metrics(generated, train_smiles)
+    m = generation_metrics(generated, reference)
     result.update(m)
     if cfg.ckpt:
         result["validity_with_check"] = result.pop("validity")
-    ref_sample = list(rng.choice(train_smiles, min(cfg.reference_n, len(train_smiles)), replace=False))
+    ref_sample = list(rng.choice(reference, min(cfg.reference_n, len(reference)), replace=False))
     gen_valid = [canonical_smiles(s) for s in generated if s]
     gen_valid = [s for s in gen_valid if s]
     props = property_metrics(property_table(gen_valid, True), property_table(ref_sample, True))
@@ -202,7 +210,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     write_json(out / "metrics.json", result)
     draw_grid(gen_valid[:32], out / "samples.png")
-    print_metrics("GraphAF evaluation", result)
+    print_metrics("GraphAF evaluation", {k: v for k, v in result.items() if not isinstance(v, str)})
     return result
 
 

@@ -39,9 +39,9 @@ from apps.graphaf.chem import (
     smiles_to_graph,
     valid_bfs_starts,
 )
+from core.paths import REPO_ROOT, resolve_path
 
 __all__ = [
-    "REPO",
     "DEFAULT_DATA",
     "read_smiles",
     "resolve_vocab",
@@ -55,45 +55,46 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO / "data" / "graphaf" / "qm9.csv"
-DEFAULT_CACHE = REPO / "data" / "cache" / "graphaf"
+DEFAULT_DATA = REPO_ROOT / "data" / "graphaf" / "qm9.csv"
+DEFAULT_CACHE = REPO_ROOT / "data" / "cache" / "graphaf"
 _PREPROCESS_VERSION = 1
 _ELEMENT_ORDER = ["C", "N", "O", "F", "P", "S", "Cl", "Br", "I"]
 
 
-def _resolve(path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or p.exists() else REPO / p
-
-
-def read_smiles(path: str | Path, column: str = "smiles") -> list[tuple[int, str]]:
-    """``(line number, SMILES)`` rows of a CSV (``column``) or a .smi/.txt file; errors name file and column."""
-    path = _resolve(path)
+def read_smiles(
+    path: str | Path, column: str = "smiles", column_key: str = "data.column", skip_blank: bool = False
+) -> list[tuple[int, str]]:
+    """``(line number, SMILES)`` rows of a CSV (``column``) or a .smi/.txt file; errors name the file (and
+    ``column_key``, the config key that sets the column). ``skip_blank``: leave out rows without a SMILES."""
+    path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SMILES file {path} does not exist")
     rows: list[tuple[int, str]] = []
-    if path.suffix.lower() in (".csv", ".tsv"):
-        with path.open(newline="") as f:
-            reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{path}: empty file, expected a header with a {column!r} column")
-            names = [h.strip() for h in header]
-            if column not in names:
-                raise ValueError(f"{path}:1: no column {column!r} in the header {names}; set data.column=<name>")
-            c = names.index(column)
-            for rec in reader:
-                line = reader.line_num
-                rows.append((line, rec[c].strip() if c < len(rec) else ""))
-    else:
-        with path.open() as f:
-            for line, text in enumerate(f, start=1):
-                fields = text.split()
-                if line == 1 and fields and fields[0].lower() == "smiles":
-                    continue
-                rows.append((line, fields[0] if fields else ""))
-    return rows
+    try:
+        if path.suffix.lower() in (".csv", ".tsv"):
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+                header = next(reader, None)
+                if header is None:
+                    raise ValueError(f"{path}: empty file, expected a header with a {column!r} column")
+                names = [h.strip() for h in header]
+                if column not in names:
+                    raise ValueError(f"{path}:1: no column {column!r} in the header {names}; set {column_key}=<name>")
+                c = names.index(column)
+                for rec in reader:
+                    rows.append((reader.line_num, rec[c].strip() if c < len(rec) else ""))
+        else:
+            with path.open(encoding="utf-8") as f:
+                for line, text in enumerate(f, start=1):
+                    fields = text.split()
+                    if line == 1 and fields and fields[0].lower() == "smiles":
+                        continue
+                    rows.append((line, fields[0] if fields else ""))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a text file of SMILES (CSV with a header, or .smi/.txt): {e}") from e
+    if "\0" in "".join(s for _, s in rows[:100]):
+        raise ValueError(f"{path}: not a text file of SMILES (it holds NUL bytes)")
+    return [(ln, smi) for ln, smi in rows if smi] if skip_blank else rows
 
 
 def resolve_vocab(atoms: str | Sequence[str], smiles: Sequence[str], formal_charges: bool = True) -> list[str]:
@@ -189,6 +190,20 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def _cache_file(cache_dir: str | Path | None, path: Path, digest: str, settings: dict) -> Path:
+    key = hashlib.sha256((digest + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:24]
+    return Path(cache_dir or DEFAULT_CACHE) / f"{path.stem}-{key}.npz"
+
+
+def _load_cache(cache: Path) -> Preprocessed | None:
+    """The cached graphs, or None (with a warning naming the file) when the file is unreadable: it is rebuilt."""
+    try:
+        return Preprocessed.load(cache)
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file: BadZipFile, KeyError, ValueError, ...)
+        log.warning("graph cache %s is unreadable (%s: %s); rebuilding it", cache, type(e).__name__, e)
+        return None
+
+
 def preprocess(
     path: str | Path,
     column: str = "smiles",
@@ -200,9 +215,21 @@ def preprocess(
     max_molecules: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    drop_charges: bool = False,
+    max_atoms_cap: int = 100,
 ) -> Preprocessed:
-    """Read, convert and cache a SMILES file (see the module docstring); raises if no row is usable."""
-    path = _resolve(path)
+    """Read, convert and cache a SMILES file (see the module docstring); raises if no row is usable.
+
+    ``max_atoms="auto"``: the largest molecule of the file no larger than ``max_atoms_cap`` (larger ones are skipped
+    as ``too_large`` and reported). ``drop_charges`` (DIG, the paper's vocabulary): atoms are keyed by element, a
+    charged atom becomes its neutral element (its molecule keeps the bonds it had, so e.g. an N+ gives an N with four bonds
+    in the training data; the sampler's valency check never emits one). The graphs are cached under the resolved
+    settings; a run with ``auto`` settings records an alias to that file, so the resolved config of a checkpoint
+    finds the same cache file (one file per data set and settings).
+    """
+    path = resolve_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SMILES file {path} does not exist")
     settings = {
         "v": _PREPROCESS_VERSION,
         "column": column,
@@ -213,17 +240,27 @@ def preprocess(
         "valence": dict(valence or {}),
         "max_molecules": max_molecules,
     }
-    cache = None
+    if drop_charges:
+        settings["drop_charges"] = True
+    if max_atoms == "auto":
+        settings["max_atoms_cap"] = int(max_atoms_cap)
+    cache = alias = digest = None
     if cache_dir is not False:
-        key = hashlib.sha256((_file_hash(path) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:24]
-        cache = Path(cache_dir or DEFAULT_CACHE) / f"{path.stem}-{key}.npz"
-        if cache.is_file():
+        digest = _file_hash(path)
+        cache = _cache_file(cache_dir, path, digest, settings)
+        alias = cache.with_suffix(".alias.json")
+        if alias.is_file():  # auto settings resolved before: the resolved file
+            try:
+                cache = cache.with_name(json.loads(alias.read_text())["file"])
+            except (ValueError, KeyError) as e:
+                log.warning("graph cache alias %s is unreadable (%s); rebuilding", alias, e)
+        if cache.is_file() and (found := _load_cache(cache)) is not None:
             log.info("graphs from cache %s", cache)
-            return Preprocessed.load(cache)
+            return found
     rows = read_smiles(path, column)
     if max_molecules:
         rows = rows[: int(max_molecules)]
-    tokens = resolve_vocab(atoms, [s for _, s in rows if s], formal_charges)
+    tokens = resolve_vocab(atoms, [s for _, s in rows if s], formal_charges and not drop_charges)
     valence = dict(valence or {})
     if isinstance(atoms, str):  # auto: valences given for elements the data turns out not to have do not apply
         valence = {t: v for t, v in valence.items() if t in tokens}
@@ -232,7 +269,12 @@ def preprocess(
         from rdkit import Chem
 
         sizes = [m.GetNumAtoms() for _, s in rows if s and (m := Chem.MolFromSmiles(s)) is not None]
-        limit = max(sizes, default=1)
+        limit = max((n for n in sizes if n <= int(max_atoms_cap)), default=1)
+        if max(sizes, default=1) > limit:
+            log.warning(
+                "%s: max_atoms=auto capped at data.max_atoms_cap=%d; %d molecules are larger and skipped (largest %d)",
+                path, limit, sum(n > limit for n in sizes), max(sizes),
+            )  # fmt: skip
     else:
         limit = int(max_atoms)
     skipped: Counter = Counter()
@@ -242,7 +284,7 @@ def preprocess(
         try:
             if not smi:
                 raise GraphError("blank", "no SMILES in this row")
-            g = smiles_to_graph(smi, vocab, limit)
+            g = smiles_to_graph(smi, vocab, limit, drop_charges=drop_charges)
             starts, order = valid_bfs_starts(g, max_edge_unroll)
         except GraphError as e:
             skipped[e.reason] += 1
@@ -273,7 +315,12 @@ def preprocess(
         skipped_lines=examples,
     )
     if cache is not None:
-        out.save(cache)
+        resolved = dict(settings, atoms=list(vocab.tokens), max_atoms=limit, valence=valence)
+        resolved.pop("max_atoms_cap", None)
+        target = _cache_file(cache_dir, path, digest, resolved)
+        out.save(target)
+        if target.name != cache.name:
+            alias.write_text(json.dumps({"file": target.name}) + "\n")
     return out
 
 
@@ -356,6 +403,10 @@ class MoleculeDataModule(pl.LightningDataModule):
         max_atoms: the largest molecule kept, or ``auto`` (the largest in the file).
         max_edge_unroll: the model's edge window (molecules no BFS order fits are skipped).
         max_molecules: use the first N rows only.
+        drop_charges: key atoms by element, charges dropped (DIG; the paper's ZINC250k vocabulary).
+        max_atoms_cap: the most ``max_atoms="auto"`` may become (larger molecules are skipped and reported).
+        max_batch_memory_gb: refuse, before training, a batch whose dense teacher-forcing tensors would need more
+            (the R-GCN runs on every partial graph of the batch at once: about ``batch * steps * L * L`` entries).
     """
 
     def __init__(
@@ -374,6 +425,9 @@ class MoleculeDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 42,
         cache_dir: str | None = None,
+        drop_charges: bool = False,
+        max_atoms_cap: int = 100,
+        max_batch_memory_gb: float | None = None,
     ) -> None:
         super().__init__()
         self.path, self.column = path, column
@@ -382,16 +436,47 @@ class MoleculeDataModule(pl.LightningDataModule):
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.cache_dir = num_workers, cache_dir
+        self.drop_charges, self.max_atoms_cap = drop_charges, max_atoms_cap
+        self.max_batch_memory_gb = max_batch_memory_gb
         self.data: Preprocessed | None = None
 
     def load(self) -> Preprocessed:
         if self.data is None:
             self.data = preprocess(
                 self.path, self.column, self.atoms, self.max_atoms, self.window, self.formal_charges, self.valence,
-                self.max_molecules, self.cache_dir,
+                self.max_molecules, self.cache_dir, drop_charges=self.drop_charges, max_atoms_cap=self.max_atoms_cap,
             )  # fmt: skip
             log.info("%s: %s", self.path, self.data.report())
+            self.check_memory()
         return self.data
+
+    def batch_memory_gb(self) -> float:
+        """A lower bound on the memory of one training batch's dense teacher-forcing tensors (float32), in GB: every
+        edge step of every molecule is a partial graph of width L with R = 3 relation adjacencies (L x L) and the
+        R-GCN's (R, L, 128) activations of 3 layers kept for backward."""
+        d = self.load() if self.data is None else self.data
+        width = int(d.max_atoms)
+        steps = sum(min(i, self.window) for i in range(1, width))
+        per_graph = 3 * width * width + 3 * 3 * width * 128
+        return self.batch_size * max(steps, 1) * per_graph * 4 / 1e9
+
+    def check_memory(self) -> None:
+        """Refuse settings whose batches cannot fit in memory (``max_batch_memory_gb``, default: the machine's RAM)."""
+        limit = self.max_batch_memory_gb
+        if limit is None:
+            try:
+                import psutil
+
+                limit = psutil.virtual_memory().total / 1e9
+            except ImportError:
+                return
+        need = self.batch_memory_gb()
+        if need > limit:
+            raise MemoryError(
+                f"{self.path}: a batch of {self.batch_size} molecules of up to max_atoms={self.data.max_atoms} atoms "
+                f"needs at least {need:.1f} GB for teacher forcing (limit {limit:.1f} GB); lower data.max_atoms, "
+                "data.max_atoms_cap or data.batch_size"
+            )
 
     def prepare_data(self) -> None:
         self.load()  # fills the disk cache once, on rank zero

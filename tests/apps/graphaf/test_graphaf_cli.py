@@ -132,7 +132,7 @@ def test_help_lists_the_commands(capsys):
 def test_ddp_two_cpu_processes(qm9_small, tmp_path):
     proc = run_cli(
         "graphaf", "train", "trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.max_steps=-1", "logger=csv",
-        "trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=1", *TINY, *data_overrides(qm9_small),
+        "trainer.val_check_interval=5", "trainer.check_val_every_n_epoch=1", *TINY, *data_overrides(qm9_small),
         "module.num_samples=4",
         "samples_after_fit=4", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
