@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from apps.videoflow.data import load_input_clips
@@ -81,9 +81,13 @@ def predict(cfg: DictConfig) -> Path:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test-set bits per pixel of the target frames (uniform-dequantisation bound, averaged over ``bpd_draws``
-    noise draws) and best-of-``num_samples`` PSNR / SSIM of sampled futures at ``temperature``."""
-    module, _, dm = _restore(cfg)
+    noise draws) and best-of-``num_samples`` PSNR / SSIM of sampled futures at ``temperature`` (``num_samples``
+    null: the training run's ``evaluation.num_samples``)."""
+    module, run_cfg, dm = _restore(cfg)
     model = module.eval_model.eval()
+    num_samples = 0
+    if cfg.psnr_ssim:
+        num_samples = cfg.num_samples or OmegaConf.select(run_cfg, "evaluation.num_samples", default=None) or 10
     dm.setup("test")
     ds = dm.test_set
     n = min(len(ds), cfg.max_videos or len(ds))
@@ -96,11 +100,9 @@ def evaluate(cfg: DictConfig) -> dict:
             lp = torch.stack([model.log_prob(x) for _ in range(cfg.bpd_draws)]).mean(0)
             nll.append(-lp.cpu())
             dims = (x.shape[1] - k) * x[0, 0].numel()
-            if cfg.num_samples:
-                rep = x[:, :k].repeat(cfg.num_samples, 1, 1, 1, 1)
-                fut = model.predict(rep, x.shape[1] - k, cfg.temperature).reshape(
-                    cfg.num_samples, len(x), -1, *x.shape[2:]
-                )
+            if num_samples:
+                rep = x[:, :k].repeat(num_samples, 1, 1, 1, 1)
+                fut = model.predict(rep, x.shape[1] - k, cfg.temperature).reshape(num_samples, len(x), -1, *x.shape[2:])
                 # against the truth at the model's bit depth: an n-bit model cannot render the dropped low bits
                 s = best_of_n(fut, from_nbit(to_nbit(x[:, k:], model.bits), model.bits))
                 for key in scores:
@@ -108,6 +110,9 @@ def evaluate(cfg: DictConfig) -> dict:
     nll_t = torch.cat(nll)
     nll_mean, nll_stderr = mean_and_stderr(nll_t)
     result = {
+        "split": "test",
+        "first_clip_only": bool(getattr(dm, "first_clip_only", False)),  # one clip per video from frame 0 (BAIR)
+        "bpd_draws": cfg.bpd_draws,
         "n_videos": n,
         "context_frames": k,
         "target_frames": int(dims // ds[0][0].numel()),
@@ -116,9 +121,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "test_bpd": nats_to_bits_per_dim(nll_mean, dims),
         "test_bpd_stderr": nats_to_bits_per_dim(nll_stderr, dims),  # NaN for a single clip
     }
-    if cfg.num_samples:
+    if num_samples:
         result.update(
-            num_samples=cfg.num_samples,
+            num_samples=num_samples,
             temperature=cfg.temperature,
             best_psnr=float(torch.cat(scores["psnr"]).mean()),
             best_ssim=float(torch.cat(scores["ssim"]).mean()),

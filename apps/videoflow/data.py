@@ -11,7 +11,9 @@ Sources (``VideoDataModule(source=...)``):
 * ``moving_mnist``: two MNIST digits bouncing in 64 x 64 frames (Srivastava et al. 2015), generated from the seed
   and the digits in ``digits_path`` (``data/videoflow/mnist_digits_dev.npz`` ships 7,000 real digits).
 * ``arrays``: a ``.npy``/``.npz`` file of uint8 frames, (N, T, H, W), (N, T, H, W, C), or the Moving MNIST file
-  layout (T, N, H, W) of ``mnist_test_seq.npy`` (``layout=auto`` picks it by that file name; or ``layout=TNHW``).
+  layout (T, N, H, W) of ``mnist_test_seq.npy`` (``layout=auto`` picks it by that file name; or ``layout=TNHW``);
+  or a folder of split files ``train.npy``, ``test.npy`` (and optionally ``val.npy``), as ``scripts/convert_bair.py``
+  writes BAIR robot pushing with the release's own train/test split.
 * ``videos``: a video file or a folder of ``.mp4``/``.gif``/``.avi`` files read with imageio, cut into clips.
 """
 
@@ -52,7 +54,6 @@ DEFAULT_DIGITS = "data/videoflow/mnist_digits_dev.npz"
 # tensor2tensor's matplotlib colours b, g, r, c, m, y as RGB
 _COLOURS = np.array([[0, 0, 255], [0, 128, 0], [255, 0, 0], [0, 191, 191], [191, 0, 191], [191, 191, 0]], np.uint8)
 _DIRECTIONS = np.array([[1, 1], [1, 0], [1, -1], [0, 1], [0, -1], [-1, 1], [-1, 0], [-1, -1]], np.float64)
-
 
 
 # ---- generated sets -------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def read_array_file(path: str | Path, layout: str = "auto", key: str | None = No
                 raise ValueError(f"{path}: give data.key, one of the arrays {names}")
             arr = z[pick]
     elif path.suffix == ".npy":
-        arr = np.load(path)
+        arr = np.load(path, mmap_mode="r")  # clips are cut from the mapped file: a converted BAIR split is GBs
     else:
         raise ValueError(f"{path}: expected a .npy or .npz file of frames")
     if layout == "auto":
@@ -188,15 +189,21 @@ def read_video_file(path: str | Path) -> np.ndarray:
     return frames
 
 
-def cut_clips(video: np.ndarray, length: int, stride: int | None, name: str) -> np.ndarray:
-    """Non-overlapping (or ``stride``-spaced) clips of ``length`` frames of one video (T, ...) -> (n, length, ...)."""
+def cut_clips(
+    video: np.ndarray, length: int, stride: int | None, name: str, first_clip_only: bool = False
+) -> np.ndarray:
+    """Non-overlapping (or ``stride``-spaced) clips of ``length`` frames of one video (T, ...) -> (n, length, ...).
+
+    ``first_clip_only``: only frames 0..length-1, one clip per video (tensor2tensor's
+    ``only_keep_videos_from_0th_frame``, how VideoFlow and SAVP evaluate BAIR: every clip starts where the video
+    starts, none mid-trajectory)."""
     t = video.shape[0]
     if t < length:
         raise ValueError(
             f"{name}: a clip needs context + target = {length} frames, but the video has {t} (shape {video.shape})"
         )
-    starts = range(0, t - length + 1, stride or length)
-    return np.stack([video[s : s + length] for s in starts])
+    starts = [0] if first_clip_only else range(0, t - length + 1, stride or length)
+    return np.stack([np.asarray(video[s : s + length]) for s in starts])
 
 
 def _fit_frames(clips: np.ndarray, size: int, channels: int, name: str) -> np.ndarray:
@@ -256,7 +263,10 @@ class VideoDataModule(pl.LightningDataModule):
         context_frames, target_frames: K conditioning frames and the frames to predict (clip length K + target).
         train_frames: train on random crops of this many frames (tensor2tensor's ``num_train_frames``); null: whole.
         num_train, num_val, num_test: clips per split for the generated sources.
-        val_fraction, test_fraction: the last videos of a file source form test, the ones before them val.
+        val_fraction, test_fraction: the last videos of a file source form test, the ones before them val (a folder
+            of split files keeps its own test split and takes val from ``val.npy`` or, without it, from train).
+        stride: frames between clip starts within a file's video (null: non-overlapping clips).
+        first_clip_only: one clip per video, frames 0..K+T-1 (BAIR as the reference); otherwise every clip.
     """
 
     def __init__(
@@ -283,6 +293,7 @@ class VideoDataModule(pl.LightningDataModule):
         digits_path: str = DEFAULT_DIGITS,
         num_digits: int = 2,
         max_videos: int | None = None,
+        first_clip_only: bool = False,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -303,6 +314,7 @@ class VideoDataModule(pl.LightningDataModule):
         self.layout, self.key, self.stride = layout, key, stride
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.digits_path, self.num_digits, self.max_videos = digits_path, num_digits, max_videos
+        self.first_clip_only = first_clip_only
         self.sets: dict[str, ClipDataset] = {}
 
     @property
@@ -328,21 +340,39 @@ class VideoDataModule(pl.LightningDataModule):
             clips = generate_moving_mnist(part, n, self.clip_length, 64, self.num_digits, seed)[..., None]
         return _fit_frames(clips, self.size, self.channels, self.source)
 
-    def _from_files(self) -> dict[str, np.ndarray]:
-        path = resolve_path(self.path)
+    def _read_videos(self, path: Path) -> tuple[list[np.ndarray], list[str]]:
         if self.source == "arrays":
             videos = list(read_array_file(path, self.layout, self.key))
-            names = [f"{path} video {i}" for i in range(len(videos))]
-        else:
-            files = (
-                sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES) if path.is_dir() else [path]
-            )
-            if not files:
-                raise FileNotFoundError(f"data.path: no {'/'.join(VIDEO_SUFFIXES)} files in {path}")
-            videos = [
-                read_video_file(f) for f in tqdm(files, desc="reading videos", unit="file", disable=len(files) < 4)
-            ]
-            names = [str(f) for f in files]
+            return videos, [f"{path} video {i}" for i in range(len(videos))]
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES) if path.is_dir() else [path]
+        if not files:
+            raise FileNotFoundError(f"data.path: no {'/'.join(VIDEO_SUFFIXES)} files in {path}")
+        videos = [read_video_file(f) for f in tqdm(files, desc="reading videos", unit="file", disable=len(files) < 4)]
+        return videos, [str(f) for f in files]
+
+    def _clips(self, videos: Sequence[np.ndarray], names: Sequence[str], where: Path) -> np.ndarray:
+        clips = [cut_clips(v, self.clip_length, self.stride, n, self.first_clip_only) for v, n in zip(videos, names)]
+        return _fit_frames(np.concatenate(clips), self.size, self.channels, str(where))
+
+    def _split_files(self, path: Path) -> dict[str, np.ndarray]:
+        """A folder of ``train.npy`` / ``test.npy`` (/ ``val.npy``): the files' own split."""
+        found = {s: path / f"{s}.npy" for s in ("train", "val", "test") if (path / f"{s}.npy").is_file()}
+        videos = {s: self._read_videos(f) for s, f in found.items()}
+        if self.max_videos:
+            videos = {s: (v[: self.max_videos], n[: self.max_videos]) for s, (v, n) in videos.items()}
+        if "val" not in videos:  # the last val_fraction of train
+            v, n = videos["train"]
+            k = len(v) - max(1, int(round(self.val_fraction * len(v))))
+            videos["train"], videos["val"] = (v[:k], n[:k]), (v[k:], n[k:])
+        return {s: self._clips(v, n, found.get(s, found["train"])) for s, (v, n) in videos.items()}
+
+    def _from_files(self) -> dict[str, np.ndarray]:
+        path = resolve_path(self.path)
+        if self.source == "arrays" and path.is_dir():
+            if not (path / "train.npy").is_file() or not (path / "test.npy").is_file():
+                raise FileNotFoundError(f"data.path: the folder {path} needs train.npy and test.npy (val.npy optional)")
+            return self._split_files(path)
+        videos, names = self._read_videos(path)
         if self.max_videos:
             videos, names = videos[: self.max_videos], names[: self.max_videos]
         n = len(videos)
@@ -354,8 +384,7 @@ class VideoDataModule(pl.LightningDataModule):
             if b <= a:  # one or two videos: cut every split from the same clips (said in the log)
                 a, b = 0, n
                 log.warning("data: only %d video(s); the %s split reuses them", n, split)
-            clips = [cut_clips(videos[i], self.clip_length, self.stride, names[i]) for i in range(a, b)]
-            out[split] = _fit_frames(np.concatenate(clips), self.size, self.channels, str(path))
+            out[split] = self._clips(videos[a:b], names[a:b], path)
         return out
 
     def setup(self, stage: str | None = None) -> None:

@@ -6,11 +6,16 @@ down::
 
     p(z_t^l | z_<t, z_t^{>l}) = N(mu, sigma),   (mu - z_{t-1}^l, log sigma) = NN(z_{t-K..t-1}^l, z_t^{>l})
 
-with NN a residual convolutional network whose first layer is a 3-D convolution over the K previous latents of the
-level (``latent_skip``: the mean is the previous latent plus the network's output). The whole map
-video -> standardised noise is one :class:`Flow` (:class:`VideoFlowTransform`): the Jacobian is block triangular
-in (time, level), so the log-det is the Glow log-dets plus ``-sum log sigma``. Density (``forward``) is one
-parallel pass over all frames; sampling (``inverse``) is sequential in time, top level first.
+with NN the reference's temporal network (``prior=conv3d``, :class:`TemporalGaussian`; tensor2tensor
+``glow_ops.temporal_latent_to_dist``): ``latent_encoder_depth`` causal 3-D residual blocks with (2, 3, 3) filters
+over the K = ``num_cond`` previous latents of the level, left time padding with an indicator channel, gated
+activations and dilated parallel stacks, time collapsed only by the final 1x1 convolution; ``latent_skip``: the mean
+is the previous latent plus the network's output. The first K frames, which have no K predecessors, use the level's
+unconditional prior (as the reference). ``prior=light`` (:class:`LightTemporalGaussian`) is a cheaper network for
+CPU runs. The whole map video -> standardised noise is one :class:`Flow` (:class:`VideoFlowTransform`): the
+Jacobian is block triangular in (time, level), so the log-det is the Glow log-dets plus ``-sum log sigma``.
+Density (``forward``) is one parallel pass over all frames; sampling (``inverse``) is sequential in time, top level
+first.
 
 References:
     Kumar et al., VideoFlow: A Conditional Flow-Based Model for Stochastic Video Generation (ICLR 2020),
@@ -20,18 +25,33 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.flows import Squeeze, UniformDequantization
+from core.flows import ActNorm, Squeeze, UniformDequantization
 from core.flows.affine import affine_forward, affine_inverse, bound_log_scale, check_scale_bound
 from core.flows.base import Flow, sum_except_batch
 from core.nn import ConvNet
 from core.presets import glow
 
-__all__ = ["FrameGlow", "TemporalGaussian", "VideoFlowTransform", "VideoFlowModel", "to_nbit", "from_nbit"]
+__all__ = [
+    "FrameGlow",
+    "CausalConv3d",
+    "ConvStack3d",
+    "TemporalResNet3d",
+    "TemporalPrior",
+    "TemporalGaussian",
+    "LightTemporalGaussian",
+    "PRIORS",
+    "VideoFlowTransform",
+    "VideoFlowModel",
+    "dilation_rates",
+    "to_nbit",
+    "from_nbit",
+]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -117,19 +137,136 @@ class FrameGlow(Flow):
         return h
 
 
-class TemporalGaussian(Flow):
+def _pad_with_indicator(x: Tensor, time: int, space: int) -> Tensor:
+    """Zero-pad (N, C, T, H, W) by ``time`` frames on the left (past) and ``space`` pixels on each side, with a
+    channel in front that is 1 on padded positions and 0 on real ones (tensor2tensor's ``time_pad``; with 4-D
+    input (N, C, H, W) and ``time=0``, its ``add_edge_bias``)."""
+    pad = (space, space, space, space) + ((time, 0) if x.dim() == 5 else ())
+    indicator = F.pad(x.new_zeros(x.shape[0], 1, *x.shape[2:]), pad, value=1.0)
+    return torch.cat([indicator, F.pad(x, pad)], dim=1)
+
+
+class _ZeroConv(nn.Module):
+    """A zero-initialised convolution whose output is scaled by ``exp(3 * logs)`` (Glow's ``conv_init="zeros"``
+    layers: the network starts at mean 0, log-scale 0)."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+        self.logs = nn.Parameter(torch.zeros(conv.out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = torch.exp(3.0 * self.logs).reshape(1, -1, *([1] * (x.dim() - 2)))
+        return self.conv(x) * scale
+
+
+class CausalConv3d(nn.Module):
+    """A (kt, 3, 3) convolution over (N, C, T, H, W), spatial dilation ``dilation``, output length T: the input is
+    padded with ``kt - 1`` frames on the left (so output t sees frames t-kt+1..t only) and by the dilation in
+    space, with the padding-indicator channel (:func:`_pad_with_indicator`). ``zero=True``: a zero-initialised
+    output layer (:class:`_ZeroConv`); otherwise N(0, 0.05^2) weights without bias (an ActNorm follows)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kt: int = 2, dilation: int = 1, zero: bool = False) -> None:
+        super().__init__()
+        self.kt, self.dilation = kt, dilation
+        conv = nn.Conv3d(in_channels + 1, out_channels, (kt, 3, 3), dilation=(1, dilation, dilation), bias=zero)
+        if zero:
+            self.conv: nn.Module = _ZeroConv(conv)
+        else:
+            nn.init.normal_(conv.weight, std=0.05)
+            self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(_pad_with_indicator(x, self.kt - 1, self.dilation))
+
+
+class _FrameActNorm(nn.Module):
+    """ActNorm (data-dependent initialisation) with its own scale and bias per channel and per time position,
+    on (N, C, T, H, W): tensor2tensor's ``actnorm_3d``, as :class:`core.flows.ActNorm` over C x T channels."""
+
+    def __init__(self, channels: int, frames: int) -> None:
+        super().__init__()
+        self.norm = ActNorm(channels * frames)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, t, h, w = x.shape
+        return self.norm(x.reshape(n, c * t, h, w))[0].reshape(n, c, t, h, w)
+
+
+class ConvStack3d(nn.Module):
+    """tensor2tensor's ``conv_stack`` on (N, R, K, H, W): causal (kt, 3, 3) conv to ``hidden`` + ActNorm + ReLU;
+    1x1x1 conv + ActNorm + ReLU (``relu``) or ``tanh(.) * sigmoid(.)`` of two such (``gatu``); a zero-initialised
+    causal (kt, 3, 3) conv back to R channels. Both 3x3 convolutions use the spatial ``dilation``."""
+
+    def __init__(self, channels: int, hidden: int, frames: int, dilation: int = 1, activation: str = "gatu") -> None:
+        super().__init__()
+        if activation not in ("relu", "gatu"):
+            raise ValueError(f"prior activation {activation!r}: choose relu or gatu")
+        kt = 2 if frames > 1 else 1  # one frame: (1, 3, 3) filters, as the reference
+        self.activation = activation
+        self.conv_in = CausalConv3d(channels, hidden, kt, dilation)
+        self.norm_in = _FrameActNorm(hidden, frames)
+        n_mid = 2 if activation == "gatu" else 1
+        self.conv_mid = nn.ModuleList(nn.Conv3d(hidden, hidden, 1, bias=False) for _ in range(n_mid))
+        for conv in self.conv_mid:
+            nn.init.normal_(conv.weight, std=0.05)
+        self.norm_mid = nn.ModuleList(_FrameActNorm(hidden, frames) for _ in range(n_mid))
+        self.conv_out = CausalConv3d(hidden, channels, kt, dilation, zero=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.norm_in(self.conv_in(x)))
+        mid = [norm(conv(h)) for conv, norm in zip(self.conv_mid, self.norm_mid)]
+        h = torch.tanh(mid[0]) * torch.sigmoid(mid[1]) if self.activation == "gatu" else F.relu(mid[0])
+        return self.conv_out(h)
+
+
+def dilation_rates(rates: Sequence[int], size: int | None) -> list[int]:
+    """Spatial dilations of the prior's parallel stacks, as tensor2tensor's ``get_dilation_rates``: always 1, and
+    ``rate + 1`` for each rate whose effective 3x3 filter (``3 + 2 rate``) fits in the latent's width ``size``."""
+    return [1] + [r + 1 for r in rates if size is None or 3 + 2 * r <= size]
+
+
+class TemporalResNet3d(nn.Module):
+    """tensor2tensor's ``temporal_latent_to_dist``: (N, R, K, H, W) -> (mean, raw log-scale), each (N, C, H, W).
+
+    ``depth`` residual blocks ``h += sum_d ConvStack3d_d(h)`` (one stack per spatial dilation d), all causal in
+    time with left padding, so the last position sees all K frames; time is collapsed only at the end, by taking
+    that last position, then a zero-initialised 1x1 convolution gives the mean and log-scale."""
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        hidden: int,
+        depth: int,
+        frames: int,
+        dilations: Sequence[int] = (1,),
+        activation: str = "gatu",
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(ConvStack3d(channels, hidden, frames, d, activation) for d in dilations) for _ in range(depth)
+        )
+        self.out = _ZeroConv(nn.Conv2d(channels, 2 * out_channels, 1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = x
+        for block in self.blocks:
+            h = h + sum(stack(h) for stack in block)
+        mean, raw = self.out(h[:, :, -1]).chunk(2, dim=1)
+        return mean, raw
+
+
+class TemporalPrior(Flow):
     """The latent dynamics prior of one level as a flow on latent sequences (B, T, C, H, W).
 
-    ``forward`` standardises ``eps_t = (z_t - mu_t) / sigma_t`` with ``(mu_t, sigma_t)`` computed from
-    ``z_{t-K..t-1}`` and the context at t (the coarser levels of the same step, (B, T, Cc, H, W)), for all t in
-    one pass; ``inverse`` runs over t. Frames before the first one are zeros with a "present" indicator channel
-    of 0, so the first K steps have their own (learned) distribution.
-
-    Network: a 3-D convolution (K x 3 x 3) over the K previous latents (+ indicator), ReLU, then
-    :class:`core.nn.ConvNet` (3x3 conv on the features with the context concatenated, residual blocks,
-    zero-initialised 3x3 output conv) per time step. ``latent_skip``: ``mu = z_{t-1} + f``.
+    ``forward`` standardises ``eps_t = (z_t - mu_t) / sigma_t`` with ``(mu_t, log sigma_t)`` from :meth:`params`
+    (every t in one pass, causal); ``inverse`` runs over t with :meth:`step` (one frame at a time, equal to
+    ``params`` at that step). ``context`` (B, T, Cc, H, W) holds the coarser levels of the same time step.
     ``log sigma`` is bounded by :func:`core.flows.affine.bound_log_scale` (``scale="tanh"``:
-    ``scale_bound * tanh(raw / scale_bound)``).
+    ``scale_bound * tanh(raw / scale_bound)``). Subclasses give the network.
     """
 
     def __init__(
@@ -137,59 +274,31 @@ class TemporalGaussian(Flow):
         channels: int,
         context_channels: int = 0,
         num_cond: int = 3,
-        hidden: int = 64,
-        blocks: int = 2,
         latent_skip: bool = True,
         scale_bound: float = 5.0,
         scale: str = "tanh",
     ) -> None:
         super().__init__()
         if num_cond < 1:
-            raise ValueError(f"TemporalGaussian: num_cond must be >= 1, got {num_cond}")
+            raise ValueError(f"{type(self).__name__}: num_cond must be >= 1, got {num_cond}")
         self.channels, self.context_channels, self.num_cond = channels, context_channels, num_cond
         self.latent_skip, self.scale_bound = latent_skip, scale_bound
         self.scale = check_scale_bound(scale, scale_bound)
-        self.temporal = nn.Conv3d(channels + 1, hidden, (num_cond, 3, 3), padding=(0, 1, 1))
-        self.net = ConvNet(hidden, 2 * channels, hidden, blocks, context_channels)
 
-    def _history(self, z: Tensor) -> Tensor:
-        """(B, T, C, H, W) -> (B, C+1, T+K-1, H, W): K zero frames (indicator 0) in front, the last frame dropped,
-        so that a valid K-frame convolution at output t sees exactly z_{t-K..t-1}."""
-        b, t, c, h, w = z.shape
-        ind = z.new_ones(b, t, 1, h, w)
-        seq = torch.cat([z, ind], dim=2).transpose(1, 2)  # (B, C+1, T, H, W)
-        return F.pad(seq, (0, 0, 0, 0, self.num_cond, 0))[:, :, : t + self.num_cond - 1]
+    def _check_context(self, context: Tensor | None) -> None:
+        if self.context_channels and context is None:
+            raise ValueError(
+                f"{type(self).__name__} was built with context_channels={self.context_channels} but got none"
+            )
 
     def params(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Means and log-scales (B, T, C, H, W) of p(z_t | z_<t, context_t) for every t, in one pass (causal)."""
-        b, t = z.shape[:2]
-        feats = F.relu(self.temporal(self._history(z)))  # (B, hidden, T, H, W)
-        feats = feats.transpose(1, 2).reshape(b * t, -1, *z.shape[3:])
-        ctx = None if context is None else context.reshape(b * t, *context.shape[2:])
-        if self.context_channels and ctx is None:
-            raise ValueError(f"TemporalGaussian was built with context_channels={self.context_channels} but got none")
-        mean, raw = self.net(feats, ctx).reshape(b, t, 2 * self.channels, *z.shape[3:]).chunk(2, dim=2)
-        if self.latent_skip:
-            prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)
-            mean = mean + prev
-        return mean, bound_log_scale(raw, self.scale, self.scale_bound)
+        raise NotImplementedError
 
     def step(self, history: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Mean and log-scale (B, C, H, W) of the next latent given ``history`` (B, k, C, H, W) of the k >= 0 latents
-        so far (only the last K are read) and the context of the next step (B, Cc, H, W). Equals :meth:`params`
-        at that step (tested), at the cost of one frame instead of T."""
-        b, n, _, h, w = history.shape
-        k = min(n, self.num_cond)
-        window = history[:, n - k :]
-        seq = torch.cat([window, window.new_ones(b, k, 1, h, w)], dim=2).transpose(1, 2)  # (B, C+1, k, H, W)
-        seq = F.pad(seq, (0, 0, 0, 0, self.num_cond - k, 0))  # (B, C+1, K, H, W)
-        feats = F.relu(self.temporal(seq))[:, :, 0]  # (B, hidden, H, W)
-        if self.context_channels and context is None:
-            raise ValueError(f"TemporalGaussian was built with context_channels={self.context_channels} but got none")
-        mean, raw = self.net(feats, context).chunk(2, dim=1)
-        if self.latent_skip and k > 0:
-            mean = mean + window[:, -1]
-        return mean, bound_log_scale(raw, self.scale, self.scale_bound)
+        """Mean and log-scale (B, C, H, W) of the next latent given ``history`` (B, k, C, H, W), the k >= 0 latents
+        so far, and the context of the next step (B, Cc, H, W). Equals :meth:`params` at that step (tested)."""
+        raise NotImplementedError
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         eps, ld = affine_inverse(z, *self.params(z, context))  # standardise: eps = (z - mu) / sigma
@@ -206,9 +315,135 @@ class TemporalGaussian(Flow):
         return torch.stack(zs, dim=1), logdet
 
 
+class TemporalGaussian(TemporalPrior):
+    """The reference prior (``prior=conv3d``; tensor2tensor ``latent_dist_encoder="conv3d_net"``).
+
+    For t >= K (``num_cond``): the K previous latents of the level (stacked in time), with the level prior's mean
+    given the coarser levels of step t tiled over those K frames (levels below the top), go through
+    :class:`TemporalResNet3d` (``blocks`` causal 3-D residual blocks of width ``hidden``, gated activations,
+    dilations); ``latent_skip``: ``mu = z_{t-1} + f``. For t < K, where fewer than K latents exist, the level's
+    unconditional prior: a zero-initialised 3x3 convolution (with the edge indicator) of the coarser levels, or
+    of nothing at the top level (a learned map), as tensor2tensor's ``level_prior`` / ``top_learn_prior``.
+    ``size``: the latent's width, which decides the dilations that fit (``get_dilation_rates``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        context_channels: int = 0,
+        num_cond: int = 3,
+        hidden: int = 64,
+        blocks: int = 5,
+        activation: str = "gatu",
+        dilations: Sequence[int] = (1, 3),
+        size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(channels, context_channels, num_cond, **kwargs)
+        self.level_prior = _ZeroConv(nn.Conv2d(context_channels + 1, 2 * channels, 3))
+        inputs = channels + (channels if context_channels else 0)
+        self.net = TemporalResNet3d(
+            inputs, channels, hidden, blocks, num_cond, dilation_rates(dilations, size), activation
+        )
+
+    def marginal(self, context: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The unconditional prior's (mean, raw log-scale) (N, C, H, W) given the coarser levels (N, Cc, H, W)."""
+        self._check_context(context)
+        x = context if self.context_channels else like.new_zeros(like.shape[0], 0, *like.shape[-2:])
+        mean, raw = self.level_prior(_pad_with_indicator(x, 0, 1)).chunk(2, dim=1)
+        return mean, raw
+
+    def conditional(self, window: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(mean, raw log-scale) (N, C, H, W) given the K previous latents (N, K, C, H, W)."""
+        seq = window.transpose(1, 2)  # (N, C, K, H, W)
+        if self.context_channels:
+            loc = self.marginal(context, window)[0]
+            seq = torch.cat([seq, loc[:, :, None].expand(-1, -1, window.shape[1], -1, -1)], dim=1)
+        mean, raw = self.net(seq)
+        if self.latent_skip:
+            mean = mean + window[:, -1]
+        return mean, raw
+
+    def params(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check_context(context)
+        b, t = z.shape[:2]
+        k, m = self.num_cond, min(t, self.num_cond)
+        ctx = context
+        first = self.marginal(None if ctx is None else ctx[:, :m].flatten(0, 1), z[:, :m].flatten(0, 1))
+        parts = [[v.reshape(b, m, *z.shape[2:]) for v in first]]
+        if t > k:  # the window of frames t-K..t-1 for every t >= K
+            windows = torch.stack([z[:, s : s + k] for s in range(t - k)], dim=1).flatten(0, 1)
+            rest = self.conditional(windows, None if ctx is None else ctx[:, k:].flatten(0, 1))
+            parts.append([v.reshape(b, t - k, *z.shape[2:]) for v in rest])
+        mean, raw = (torch.cat(vs, dim=1) for vs in zip(*parts))
+        return mean, bound_log_scale(raw, self.scale, self.scale_bound)
+
+    def step(self, history: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if history.shape[1] < self.num_cond:
+            mean, raw = self.marginal(context, history)
+        else:
+            mean, raw = self.conditional(history[:, -self.num_cond :], context)
+        return mean, bound_log_scale(raw, self.scale, self.scale_bound)
+
+
+class LightTemporalGaussian(TemporalPrior):
+    """A lighter prior for CPU runs (``prior=light``): one K x 3 x 3 convolution collapses time at once, then a
+    2-D network.
+
+    Frames before the first one are zeros with a "present" indicator channel of 0, so the first K steps have their
+    own (learned) distribution. Network: a 3-D convolution (K x 3 x 3) over the K previous latents (+ indicator),
+    ReLU, then :class:`core.nn.ConvNet` (3x3 conv on the features with the context concatenated, residual blocks,
+    zero-initialised 3x3 output conv) per time step. ``latent_skip``: ``mu = z_{t-1} + f``.
+    """
+
+    def __init__(
+        self, channels: int, context_channels: int = 0, num_cond: int = 3, hidden: int = 64, blocks: int = 2, **kwargs
+    ) -> None:
+        super().__init__(channels, context_channels, num_cond, **kwargs)
+        self.temporal = nn.Conv3d(channels + 1, hidden, (num_cond, 3, 3), padding=(0, 1, 1))
+        self.net = ConvNet(hidden, 2 * channels, hidden, blocks, context_channels)
+
+    def _history(self, z: Tensor) -> Tensor:
+        """(B, T, C, H, W) -> (B, C+1, T+K-1, H, W): K zero frames (indicator 0) in front, the last frame dropped,
+        so that a valid K-frame convolution at output t sees exactly z_{t-K..t-1}."""
+        b, t, c, h, w = z.shape
+        ind = z.new_ones(b, t, 1, h, w)
+        seq = torch.cat([z, ind], dim=2).transpose(1, 2)  # (B, C+1, T, H, W)
+        return F.pad(seq, (0, 0, 0, 0, self.num_cond, 0))[:, :, : t + self.num_cond - 1]
+
+    def params(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check_context(context)
+        b, t = z.shape[:2]
+        feats = F.relu(self.temporal(self._history(z)))  # (B, hidden, T, H, W)
+        feats = feats.transpose(1, 2).reshape(b * t, -1, *z.shape[3:])
+        ctx = None if context is None else context.reshape(b * t, *context.shape[2:])
+        mean, raw = self.net(feats, ctx).reshape(b, t, 2 * self.channels, *z.shape[3:]).chunk(2, dim=2)
+        if self.latent_skip:
+            prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)
+            mean = mean + prev
+        return mean, bound_log_scale(raw, self.scale, self.scale_bound)
+
+    def step(self, history: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check_context(context)
+        b, n, _, h, w = history.shape
+        k = min(n, self.num_cond)
+        window = history[:, n - k :]
+        seq = torch.cat([window, window.new_ones(b, k, 1, h, w)], dim=2).transpose(1, 2)  # (B, C+1, k, H, W)
+        seq = F.pad(seq, (0, 0, 0, 0, self.num_cond - k, 0))  # (B, C+1, K, H, W)
+        feats = F.relu(self.temporal(seq))[:, :, 0]  # (B, hidden, H, W)
+        mean, raw = self.net(feats, context).chunk(2, dim=1)
+        if self.latent_skip and k > 0:
+            mean = mean + window[:, -1]
+        return mean, bound_log_scale(raw, self.scale, self.scale_bound)
+
+
+PRIORS = {"conv3d": TemporalGaussian, "light": LightTemporalGaussian}
+
+
 class VideoFlowTransform(Flow):
     """Videos (B, T, C, H, W) -> standardised noise of the same shape: per-frame Glow, then every level's
-    :class:`TemporalGaussian`. The log-det (per video, or per frame with :meth:`frame_forward`) is exact."""
+    temporal prior (``prior``: a key of :data:`PRIORS`). The log-det (per video, or per frame with
+    :meth:`frame_forward`) is exact."""
 
     def __init__(
         self,
@@ -219,8 +454,11 @@ class VideoFlowTransform(Flow):
         hidden: int = 128,
         blocks: int = 1,
         num_cond: int = 3,
+        prior: str = "conv3d",
         prior_hidden: int = 64,
-        prior_blocks: int = 2,
+        prior_blocks: int = 5,
+        prior_activation: str = "gatu",
+        prior_dilations: Sequence[int] = (1, 3),
         latent_skip: bool = True,
         scale_bound: float = 5.0,
         coupling: str = "affine",
@@ -228,9 +466,15 @@ class VideoFlowTransform(Flow):
         super().__init__()
         if size % 2**levels:
             raise ValueError(f"VideoFlow: frame size {size} must be divisible by 2**levels = {2**levels}")
+        if prior not in PRIORS:
+            raise ValueError(f"model.prior={prior!r}: choose one of {', '.join(PRIORS)}")
         self.glow = FrameGlow(channels, size, levels, steps, hidden, blocks, coupling)
+        common = dict(num_cond=num_cond, hidden=prior_hidden, blocks=prior_blocks, latent_skip=latent_skip,
+                      scale_bound=scale_bound)  # fmt: skip
+        if prior == "conv3d":
+            common.update(activation=prior_activation, dilations=tuple(prior_dilations))
         self.priors = nn.ModuleList(
-            TemporalGaussian(shape[0], cond, num_cond, prior_hidden, prior_blocks, latent_skip, scale_bound)
+            PRIORS[prior](shape[0], cond, **common, **({"size": shape[1]} if prior == "conv3d" else {}))
             for shape, cond in zip(self.glow.level_shapes, self.glow.cond_channels)
         )
 
@@ -303,15 +547,18 @@ class VideoFlowModel(nn.Module):
         self,
         channels: int = 3,
         size: int = 64,
-        bits: int = 5,
+        bits: int = 8,
         levels: int = 3,
         steps: int = 8,
         hidden: int = 128,
         blocks: int = 1,
         context_frames: int = 3,
         num_cond: int = 3,
+        prior: str = "conv3d",
         prior_hidden: int = 64,
-        prior_blocks: int = 2,
+        prior_blocks: int = 5,
+        prior_activation: str = "gatu",
+        prior_dilations: Sequence[int] = (1, 3),
         latent_skip: bool = True,
         scale_bound: float = 5.0,
         coupling: str = "affine",
@@ -319,11 +566,17 @@ class VideoFlowModel(nn.Module):
         super().__init__()
         if not 1 <= bits <= 8:
             raise ValueError(f"model.bits={bits}: expected 1..8 bits per channel")
+        if prior == "conv3d" and num_cond > context_frames:
+            raise ValueError(
+                f"model.num_cond={num_cond} > context_frames={context_frames}: with prior=conv3d the first num_cond "
+                "frames use the unconditional prior, so target frames would not see the context (the reference sets "
+                "num_cond = context frames)"
+            )
         self.channels, self.size, self.bits, self.context_frames = channels, size, bits, context_frames
         self.dequant = UniformDequantization(2**bits)
         self.transform = VideoFlowTransform(
-            channels, size, levels, steps, hidden, blocks, num_cond, prior_hidden, prior_blocks, latent_skip,
-            scale_bound, coupling,
+            channels, size, levels, steps, hidden, blocks, num_cond, prior, prior_hidden, prior_blocks,
+            prior_activation, prior_dilations, latent_skip, scale_bound, coupling,
         )  # fmt: skip
 
     def _check(self, video: Tensor) -> None:

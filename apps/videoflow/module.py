@@ -22,18 +22,9 @@ class VideoFlowModule(FlowModule):
     frames at ``sample_temperature``; a GIF and a PNG strip (truth above samples) go to ``media/`` and W&B.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: Any,
-        scheduler: Any = None,
-        scheduler_interval: str = "step",
-        ema_decay: float | None = None,
-        sample_every_n_epochs: int = 1,
-        num_sample_videos: int = 2,
-        sample_temperature: float = 0.7,
-    ) -> None:
-        super().__init__(model, optimizer, scheduler, scheduler_interval, ema_decay, sample_every_n_epochs)
+    def __init__(self, model: nn.Module, num_sample_videos: int = 2, sample_temperature: float = 0.7, **kwargs) -> None:
+        """``kwargs``: :class:`core.training.FlowModule`'s arguments (optimizer, scheduler, ema_decay, ...)."""
+        super().__init__(model, **kwargs)
         self.num_sample_videos, self.sample_temperature = num_sample_videos, sample_temperature
 
     def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:

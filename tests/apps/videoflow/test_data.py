@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from apps.videoflow.data import (
     VideoDataModule,
@@ -13,6 +14,7 @@ from apps.videoflow.data import (
     read_array_file,
 )
 from apps.videoflow.media import write_gif, write_mp4
+from core.cli import compose
 
 
 def _centroid(frame: np.ndarray) -> np.ndarray:
@@ -136,3 +138,31 @@ def test_unknown_source_is_refused():
         VideoDataModule("bair")
     with pytest.raises(ValueError, match="data.path"):
         VideoDataModule("arrays")
+
+
+def test_first_clip_only_keeps_frames_0_to_12(tmp_path):
+    """BAIR as the reference (only_keep_videos_from_0th_frame): one clip per video, frames 0-12 (3 context + 10
+    targets); without it, 30-frame videos also give a clip starting at frame 13, mid-trajectory."""
+    t = np.arange(30, dtype=np.uint8)
+    videos = np.broadcast_to(t[None, :, None, None], (5, 30, 8, 8)).copy()  # every pixel of frame i holds i
+    np.save(tmp_path / "clips.npy", videos)
+    kw = dict(path=str(tmp_path / "clips.npy"), size=8, channels=1, context_frames=3, target_frames=10,
+              val_fraction=0.2, test_fraction=0.2)  # fmt: skip
+    ref = VideoDataModule("arrays", first_clip_only=True, **kw)
+    ref.setup()
+    for split in ("train", "val", "test"):
+        clips = ref.sets[split].clips
+        assert clips.shape[1] == 13 and (clips[:, :, 0, 0, 0] == torch.arange(13)).all()
+    assert len(ref.train_set) == 3
+    every = VideoDataModule("arrays", **kw)
+    every.setup()
+    assert len(every.train_set) == 6 and every.train_set.clips[1, 0, 0, 0, 0] == 13  # a clip from frame 13
+
+
+def test_bair_config_is_the_reference_protocol():
+    cfg = compose("videoflow", "train", ["data=bair", "data.path=somewhere"])
+    assert cfg.data.first_clip_only is True and cfg.data.source == "arrays"
+    assert (cfg.data.context_frames, cfg.data.target_frames, cfg.data.size) == (3, 10, 64)
+    paper = compose("videoflow", "train", ["experiment=paper", "data.path=somewhere"])
+    assert paper.data.first_clip_only is True and paper.model.bits == 8 and paper.evaluation.num_samples == 100
+    assert paper.model.prior == "conv3d" and paper.model.prior_blocks == 5 and paper.model.num_cond == 3

@@ -19,7 +19,7 @@ from tests.helpers import run_cli, small_config
 TINY = [
     "model.steps=1", "model.hidden=8", "model.prior_hidden=8", "model.levels=2", "data.size=16",
     "data.num_train=16", "data.num_val=4", "data.num_test=4", "data.batch_size=4", "data.eval_batch_size=4",
-    "data.target_frames=2", "module.num_sample_videos=1",
+    "data.target_frames=2", "module.num_sample_videos=1", "model.prior_blocks=1", "evaluation.num_samples=2",
 ]  # fmt: skip
 
 
@@ -94,10 +94,16 @@ def test_evaluate_writes_bits_per_pixel_and_best_of_n(trained, tmp_path, capsys)
     cfg = compose("videoflow", "evaluate", [f"output_dir={tmp_path}", f"ckpt={trained}", "num_samples=3"])
     evaluate(cfg)
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["n_videos"] == 4 and m["target_frames"] == 2 and m["bits"] == 5
+    assert m["n_videos"] == 4 and m["target_frames"] == 2 and m["bits"] == 8 and m["split"] == "test"
+    assert m["num_samples"] == 3 and m["temperature"] == 1.0  # the paper's evaluation temperature
     assert 0 < m["test_bpd"] < 5 and 0 < m["best_psnr"] < 100 and -1 <= m["best_ssim"] <= 1
     assert len(m["best_psnr_per_step"]) == 2
     assert "test_bpd" in capsys.readouterr().out
+    # without num_samples=, the training run's evaluation.num_samples (2 here; 100 in experiment=paper)
+    cfg = compose("videoflow", "evaluate", [f"output_dir={tmp_path / 'e2'}", f"ckpt={trained}", "max_videos=2"])
+    assert evaluate(cfg)["num_samples"] == 2
+    cfg = compose("videoflow", "evaluate", [f"output_dir={tmp_path / 'e3'}", f"ckpt={trained}", "psnr_ssim=false"])
+    assert "best_psnr" not in evaluate(cfg)
 
 
 def test_ddp_two_cpu_processes(tmp_path):
