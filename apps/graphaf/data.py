@@ -222,8 +222,8 @@ def preprocess(
 
     ``max_atoms="auto"``: the largest molecule of the file no larger than ``max_atoms_cap`` (larger ones are skipped
     as ``too_large`` and reported). ``drop_charges`` (DIG, the paper's vocabulary): atoms are keyed by element, a
-    charged atom becomes its neutral element (its molecule keeps the bonds it had, so e.g. an N+ gives an N with four bonds
-    in the training data; the sampler's valency check never emits one). The graphs are cached under the resolved
+    charged atom becomes its neutral element (its molecule keeps the bonds it had, so e.g. an N+ gives an N with four
+    bonds in the training data; the sampler's valency check never emits one). The graphs are cached under the resolved
     settings; a run with ``auto`` settings records an alias to that file, so the resolved config of a checkpoint
     finds the same cache file (one file per data set and settings).
     """

@@ -98,10 +98,9 @@ def test_drop_charges_keys_atoms_by_element_as_dig():
 def test_evaluate_names_a_moved_training_file_and_takes_data_path(tmp_path):
     """A checkpoint whose training file moved: the error names the file and the key; data_path= fixes it."""
     from apps.graphaf.commands import train
+    from apps.graphaf.data import DEFAULT_DATA
     from tests.apps.graphaf.test_graphaf_cli import TINY
     from tests.helpers import small_config
-
-    from apps.graphaf.data import DEFAULT_DATA
 
     src = tmp_path / "train.csv"
     src.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:101]))

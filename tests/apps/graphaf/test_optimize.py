@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 
 from apps.graphaf.data import graphs_to_batch
 from apps.graphaf.model import GraphAF
-import lightning.pytorch as pl
-
 from apps.graphaf.optimize import PolicyModule, PropertyReward, RolloutData, top_k
 from core.cli import compose
 from core.training import build_module, restore, save_checkpoint
@@ -179,8 +178,8 @@ def test_optimize_command_writes_top3_and_a_checkpoint_sample_loads(untrained_ck
 def test_optimize_resumes_from_its_run_dir(untrained_ckpt, tmp_path):
     from apps.graphaf.commands import optimize
 
-    common = [f"ckpt={untrained_ckpt}", "property=qed", "batch_size=4", "eval_n=4", "logger=none",
-              "trainer.enable_progress_bar=false", "callbacks.step_checkpoint.every_n_train_steps=1", "max_atoms=9"]  # fmt: skip
+    common = [f"ckpt={untrained_ckpt}", "property=qed", "batch_size=4", "eval_n=4", "logger=none", "max_atoms=9",
+              "trainer.enable_progress_bar=false", "callbacks.step_checkpoint.every_n_train_steps=1"]  # fmt: skip
     optimize(compose("graphaf", "optimize", [*common, "steps=2", f"output_dir={tmp_path / 'a'}"]))
     m = optimize(compose("graphaf", "optimize", [*common, "steps=4", f"ckpt_path={tmp_path / 'a'}",
                                                  f"output_dir={tmp_path / 'b'}"]))  # fmt: skip
