@@ -1,41 +1,153 @@
-"""PointFlow benchmark: training step, sampling, and evaluation-metric cost, on CPU and (when present) GPU.
+"""PointFlow benchmark: metric kernels (Chamfer, approxmatch / exact / Sinkhorn EMD), the 1-NNA matrices, a training
+step and sampling, on CPU or GPU. One table; ``--json`` writes its rows.
 
-    python -m scripts.bench_pointflow                       # CPU: small model, GPU (if any): the paper's model
-    python -m scripts.bench_pointflow --model paper --batch 16 --points 2048 --device cuda
-    python -m scripts.bench_pointflow --eval-shapes 405     # 1-NNA-CD on 405 x 405 shapes (ShapeNet airplane test size)
+    python -m scripts.bench_pointflow                      # CPU: 2,048-point pairs, 100 x 100 1-NNA, small model
+    python -m scripts.bench_pointflow --quick              # toy sizes, a few seconds
+    python -m scripts.bench_pointflow --device cuda --eval-shapes 405 --model paper   # full 405 x 405 1-NNA
 
-Rows: one training step (negative ELBO forward + backward, adjoint, Hutchinson trace) with its peak memory and
-the number of ODE-function evaluations; sampling time per shape (latent CNF + point CNF); the time of the pairwise
-distance matrices that MMD/COV/1-NNA need for an S x S evaluation, in Chamfer and EMD (exact and Sinkhorn).
+Timings alternate between the implementations compared (round robin) and report medians, so that a machine
+shared with other jobs slows them alike. On a CPU the EMD rows of the 1-NNA matrices are extrapolated from a block
+of pairs (and marked so); on a GPU they are computed in full.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from apps.pointflow import metrics as M  # noqa: E402
-from apps.pointflow.model import PointFlowModel  # noqa: E402
+from apps.pointflow import metrics as M
+from apps.pointflow.model import PointFlowModel
 from core.benchmark import peak_memory_mb, sync
-from core.flows import CNF  # noqa: E402
+from core.flows import CNF
 
 SIZES = {
     "small": dict(point_hidden=(64, 64, 64), latent_hidden=(64, 64)),  # conf/pointflow/model/pointflow.yaml
     "paper": dict(point_hidden=(512, 512, 512), latent_hidden=(256, 256)),  # experiment=paper
+    "tiny": dict(zdim=16, point_hidden=(16, 16), latent_hidden=(16, 16)),  # --quick
 }
 
 
-def bench_train(model: PointFlowModel, batch: int, points: int, device: str, repeats: int) -> dict:
+def _alternate(runs: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of each run, ``rounds`` times in round-robin order, after one warm-up call each."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _chamfer_direct(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The Chamfer distance as computed before (cdist on differences, no matrix product): the baseline."""
+    d2 = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").square_()
+    return d2.amin(2).mean(1) + d2.amin(1).mean(1)
+
+
+def bench_pairs(pairs: int, points: int, device: str, rounds: int, emd: bool) -> list[dict]:
+    """Milliseconds per pair of ``points``-point clouds, ``pairs`` pairs per batched call."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(pairs, points, 3, generator=g) - 0.5).to(device)
+    y = (torch.rand(pairs, points, 3, generator=g) - 0.5).to(device)
+    cd = {
+        "direct (cdist, before)": lambda: _chamfer_direct(x, y),
+        "matmul": lambda: M.chamfer_distance(x, y, "matmul"),
+    }
+    if device == "cpu":
+        cd["kdtree"] = lambda: M.chamfer_distance(x, y, "kdtree")
+    rows = []
+    base = _chamfer_direct(x.double(), y.double())
+    times = _alternate(cd, device, rounds)
+    for name, ts in times.items():
+        err = (cd[name]().double() - base).abs().max().item()
+        rows.append(dict(what="Chamfer per pair", impl=name, setting=f"{pairs} pairs x {points} pts",
+                         ms=1e3 * statistics.median(ts) / pairs, note=f"max |diff| {err:.1e}"))  # fmt: skip
+    ref = rows[0]["ms"]
+    for r in rows[1:]:
+        r["speedup"] = ref / r["ms"]
+    if emd:
+        k = 2 if device == "cpu" else pairs  # the exact EMD is one CPU solve per pair
+        runs = {
+            "approxmatch": lambda: M.emd_approxmatch(x, y),
+            "exact (Hungarian)": lambda: M.emd_exact(x[:k], y[:k]),
+        }
+        times = _alternate(runs, device, max(1, rounds // 2))
+        exact = M.emd_exact(x[:k], y[:k])
+        ratio = (M.emd_approxmatch(x[:k], y[:k]) / exact).mean().item()
+        for name, ts in times.items():
+            n = pairs if name == "approxmatch" else k
+            note = f"{ratio:.2f}x the exact EMD (independent uniform cubes)" if name == "approxmatch" else ""
+            rows.append(dict(what="EMD per pair", impl=name, setting=f"{n} pairs x {points} pts",
+                             ms=1e3 * statistics.median(ts) / n, note=note))  # fmt: skip
+        sk = 1 if device == "cpu" else pairs
+        t0 = time.perf_counter()
+        M.emd_sinkhorn(x[:sk], y[:sk])
+        sync(device)
+        rows.append(dict(what="EMD per pair", impl="sinkhorn", setting=f"{sk} pairs x {points} pts",
+                         ms=1e3 * (time.perf_counter() - t0) / sk, note="one call"))  # fmt: skip
+    return rows
+
+
+def bench_one_nna(shapes: int, points: int, device: str, emd: bool, block: int) -> list[dict]:
+    """Seconds for the three matrices of 1-NNA (and MMD/COV) on ``shapes`` x ``shapes`` clouds: Chamfer in full;
+    approxmatch in full on a GPU, else from a ``block`` x ``block`` block (S*R + S^2 + R^2 pairs, not symmetric)."""
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(shapes, points, 3, generator=g) - 0.5).to(device)
+    b = (torch.rand(shapes, points, 3, generator=g) - 0.5).to(device)
+    rows = []
+    sync(device)
+    t0 = time.perf_counter()
+    for x, y in ((a, a), (a, b), (b, b)):
+        M.pairwise_distances(x, y, metric="cd")
+    sync(device)
+    impl = "kdtree" if device == "cpu" else "matmul"
+    rows.append(dict(what="1-NNA matrices", impl=f"CD ({impl})", setting=f"{shapes} x {shapes} shapes, {points} pts",
+                     s=time.perf_counter() - t0, note="full"))  # fmt: skip
+    if emd:
+        total = 3 * shapes * shapes
+        k = min(block, shapes) if device == "cpu" else shapes
+        sync(device)
+        t0 = time.perf_counter()
+        if k == shapes:
+            for x, y in ((a, a), (a, b), (b, b)):
+                M.pairwise_distances(x, y, metric="emd_approxmatch")
+            t, note = time.perf_counter() - t0, "full"
+        else:
+            M.pairwise_distances(a[:k], b[:k], metric="emd_approxmatch")
+            t, note = (time.perf_counter() - t0) / (k * k) * total, f"extrapolated from {k * k} pairs"
+        sync(device)
+        rows.append(dict(what="1-NNA matrices", impl="EMD (approxmatch)",
+                         setting=f"{shapes} x {shapes} shapes, {points} pts", s=t, note=note))  # fmt: skip
+    return rows
+
+
+def _nfe(cnfs: Sequence[CNF]) -> int:
+    return sum(c.func.num_evals for c in cnfs)
+
+
+def bench_model(size: str, batch: int, points: int, sample_shapes: int, device: str, repeats: int) -> list[dict]:
+    """One training step (negative ELBO, forward + adjoint backward, Hutchinson trace) and sampling, with NFE."""
+    torch.manual_seed(0)
+    model = PointFlowModel(**SIZES[size]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(batch, points, 3, device=device) * 0.5
-    cnfs = [m for m in model.modules() if isinstance(m, CNF)]
-    times, nfe = [], []
+    point_cnfs = [m for m in model.point_flow.modules() if isinstance(m, CNF)]
+    latent_cnfs = [m for m in model.latent.modules() if isinstance(m, CNF)]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats + 1):  # the first step warms up (cuDNN, allocator)
-        for c in cnfs:
+    times, nfe = [], []
+    for _ in range(repeats + 1):  # the first step warms up
+        for c in point_cnfs + latent_cnfs:
             c.func.num_evals = 0
         sync(device)
         t0 = time.perf_counter()
@@ -46,96 +158,81 @@ def bench_train(model: PointFlowModel, batch: int, points: int, device: str, rep
         opt.step()
         sync(device)
         times.append(time.perf_counter() - t0)
-        nfe.append(sum(c.func.num_evals for c in cnfs))
-    times, nfe = times[1:] or times, nfe[1:] or nfe
-    return {"step_s": sorted(times)[len(times) // 2], "nfe": sum(nfe) / len(nfe), "peak_mb": peak_memory_mb(device)}
-
-
-@torch.no_grad()
-def bench_sample(model: PointFlowModel, n: int, points: int, device: str) -> float:
+        nfe.append(_nfe(point_cnfs + latent_cnfs))
+    setting = f"{size}, batch {batch} x {points} pts"
+    rows = [dict(what="train step", impl="flowsuite", setting=setting, s=statistics.median(times[1:]),
+                 nfe=statistics.median(nfe[1:]), peak_mb=peak_memory_mb(device))]  # fmt: skip
     model.eval()
-    model.sample(2, points)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    model.sample(n, points)
-    sync(device)
-    model.train()
-    return (time.perf_counter() - t0) / n
-
-
-def bench_metrics(shapes: int, points: int, device: str, emd: bool) -> dict:
-    """Seconds for the three S x S distance matrices of 1-NNA. CD is timed in full; EMD (seconds per pair on a
-    CPU) is timed on a 4 x 4 block and extrapolated to the S^2/2 + S^2 + S^2/2 pairs, reported as such."""
-    g = torch.Generator().manual_seed(0)
-    a = (torch.rand(shapes, points, 3, generator=g) - 0.5).to(device)
-    b = (torch.rand(shapes, points, 3, generator=g) - 0.5).to(device)
-    pairs = 2 * shapes * shapes  # a-a and b-b are symmetric (half each), a-b is full
-    out = {}
-    sync(device)
-    t0 = time.perf_counter()
-    for x, y in ((a, a), (a, b), (b, b)):
-        M.pairwise_distances(x, y, metric="cd")
-    sync(device)
-    out["cd"] = (time.perf_counter() - t0, False)
-    for metric in ["emd_sinkhorn", "emd_exact"] if emd else []:
-        k = min(4, shapes)
+    with torch.no_grad():
+        model.sample(1, points)
+        for c in point_cnfs + latent_cnfs:
+            c.func.num_evals = 0
         sync(device)
         t0 = time.perf_counter()
-        M.pairwise_distances(a[:k], b[:k], metric=metric)
+        model.sample(sample_shapes, points)
         sync(device)
-        out[metric] = ((time.perf_counter() - t0) / (k * k) * pairs, True)
-    return out
+    rows.append(dict(what="sampling per shape", impl="flowsuite", setting=f"{size}, {points} pts",
+                     s=(time.perf_counter() - t0) / sample_shapes, nfe=_nfe(point_cnfs),
+                     note=f"point-CNF NFE; latent {_nfe(latent_cnfs)}"))  # fmt: skip
+    return rows
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument(
-        "--model", choices=["auto", "small", "paper"], default="auto", help="auto: small on CPU, paper on GPU"
-    )
+    ap.add_argument("--quick", action="store_true", help="toy sizes (a few seconds on a CPU)")
+    ap.add_argument("--json", type=Path, default=None, help="write the rows here (a JSON list)")
+    ap.add_argument("--model", choices=["auto", "small", "paper"], default="auto", help="auto: small CPU, paper GPU")
     ap.add_argument("--batch", type=int, default=None, help="shapes per training step (default 16 GPU, 4 CPU)")
     ap.add_argument("--points", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=8, help="pairs per batched metric call")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per comparison")
+    ap.add_argument("--repeats", type=int, default=2, help="timed training steps")
     ap.add_argument("--sample-shapes", type=int, default=4)
-    ap.add_argument("--eval-shapes", type=int, default=100)
-    ap.add_argument(
-        "--eval-points", type=int, default=None, help="points per shape in the metric bench (default --points)"
-    )
+    ap.add_argument("--eval-shapes", type=int, default=100, help="S in the S x S 1-NNA matrices")
+    ap.add_argument("--emd-block", type=int, default=4, help="CPU: approxmatch 1-NNA time from a k x k block")
     ap.add_argument("--no-emd", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--no-model", action="store_true", help="metrics only")
+    args = ap.parse_args(argv)
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    size = args.model if args.model != "auto" else ("paper" if device == "cuda" else "small")
-    batch = args.batch or (16 if device == "cuda" else 4)
-    torch.manual_seed(0)
-    model = PointFlowModel(**SIZES[size]).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"device {device}, model {size} ({n_params:,} parameters), torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}",
-        flush=True,
-    )
-    tr = bench_train(model, batch, args.points, device, args.repeats)
-    per_shape = bench_sample(model, args.sample_shapes, args.points, device)
-    ev = bench_metrics(args.eval_shapes, args.eval_points or args.points, device, not args.no_emd)
+    if args.quick:
+        size, batch, points, pairs, rounds, shapes, repeats, sample_shapes = "tiny", 2, 128, 2, 2, 6, 1, 1
+    else:
+        size = args.model if args.model != "auto" else ("paper" if device == "cuda" else "small")
+        batch, points, pairs, rounds = (
+            args.batch or (16 if device == "cuda" else 4),
+            args.points,
+            args.pairs,
+            args.rounds,
+        )
+        shapes, repeats, sample_shapes = args.eval_shapes, args.repeats, args.sample_shapes
+    rows = bench_pairs(pairs, points, device, rounds, not args.no_emd)
+    rows += bench_one_nna(shapes, points, device, not args.no_emd, args.emd_block)
+    if not args.no_model:
+        rows += bench_model(size, batch, points, sample_shapes, device, repeats)
+    for r in rows:
+        r["device"] = device
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="PointFlow benchmark")
-    table.add_column("what")
-    table.add_column("setting")
-    table.add_column("result", justify="right")
-    table.add_row("train step", f"{size}, batch {batch} x {args.points} pts", f"{tr['step_s']:.2f} s")
-    table.add_row("  ODE evaluations / step", "fwd + adjoint, both CNFs", f"{tr['nfe']:.0f}")
-    table.add_row(
-        "  peak memory", "CUDA allocated" if device == "cuda" else "process peak RSS", f"{tr['peak_mb']:.0f} MB"
-    )
-    table.add_row("sampling", f"{args.points} pts per shape", f"{per_shape:.3f} s / shape")
-    for metric, (t, extrapolated) in ev.items():
-        shown = f"{t:.1f} s" + (" (extrapolated from 16 pairs)" if extrapolated else "")
-        table.add_row(f"1-NNA matrices, {metric}", f"{args.eval_shapes} x {args.eval_shapes} shapes", shown)
-    Console(width=120).print(table)
+    title = (f"PointFlow benchmark ({device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+             f"medians of {rounds} alternating rounds)")  # fmt: skip
+    table = Table(title=title)
+    for col in ("what", "impl", "setting", "time", "speedup", "NFE", "peak MB", "note"):
+        table.add_column(col, justify="right" if col in ("time", "speedup", "NFE", "peak MB") else "left")
+    for r in rows:
+        t = f"{r['ms']:.2f} ms" if "ms" in r else f"{r['s']:.3f} s"
+        table.add_row(
+            r["what"], r["impl"], r["setting"], t, f"{r['speedup']:.1f}x" if "speedup" in r else "",
+            f"{r['nfe']:.0f}" if "nfe" in r else "", f"{r['peak_mb']:.0f}" if "peak_mb" in r else "",
+            r.get("note", ""),
+        )  # fmt: skip
+    Console(width=200).print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from apps.pointflow.data import conversion_info, convert_to_pc15k  # noqa: E402
+from apps.pointflow.convert import conversion_info, convert_to_pc15k
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -47,9 +47,9 @@ EMD_METHODS = ("approxmatch", "exact", "sinkhorn")  # ``emd=`` of compute_all_me
 # Bytes of distance matrices (all live copies together) one chunk of pairs may hold.
 _CPU_BUDGET = 256 * 2**20
 _CUDA_BUDGET = 1024 * 2**20
-# Live (B, N, M) float buffers per pair, per metric (Chamfer on CUDA: the product matrix and a min temporary; approxmatch:
-# distances, squared distances, the kernel and its product with the distances; Sinkhorn keeps C, C^T and ~3
-# temporaries; the exact EMD keeps the torch matrix plus a float64 numpy copy).
+# Live (B, N, M) float buffers per pair, per metric (Chamfer on CUDA: the product matrix and a min temporary;
+# approxmatch: distances, squared distances, the kernel and its product with the distances; Sinkhorn keeps C, C^T
+# and ~3 temporaries; the exact EMD keeps the torch matrix plus a float64 numpy copy).
 _COPIES = {"cd": 1.5, "emd_approxmatch": 5.0, "emd_exact": 3.0, "emd_sinkhorn": 6.0}
 # approxmatch.cu's schedule: the kernel exp(level * d^2) with level = -4^j for j = 7, 6, ..., -1.
 _APPROXMATCH_LEVELS = tuple(-(4.0**j) for j in range(7, -2, -1))
@@ -164,7 +164,7 @@ def approxmatch_plan(ref: Tensor, x: Tensor) -> Tensor:
     ref, x = _float(ref), _float(x)
     d2 = _dist(ref, x).square_()  # (B, N, M), direct differences as the kernel (d(p, p) == 0)
     plan = torch.zeros_like(d2)
-    for level, k, ratio_l, ratio_r in _approxmatch_levels(d2):
+    for _, k, ratio_l, ratio_r in _approxmatch_levels(d2):
         plan.addcmul_(k, ratio_l.unsqueeze(2) * ratio_r.unsqueeze(1))
     return plan
 
@@ -198,7 +198,9 @@ def emd_approxmatch(ref: Tensor, x: Tensor) -> Tensor:
     """
     _check_clouds(ref, x, "emd_approxmatch")
     if ref.shape[1] != x.shape[1]:
-        raise ValueError(f"emd_approxmatch needs clouds of equal size (as the reference), got {ref.shape[1]} and {x.shape[1]}")
+        raise ValueError(
+            f"emd_approxmatch needs clouds of equal size (as the reference), got {ref.shape[1]} and {x.shape[1]}"
+        )
     ref, x = _float(ref), _float(x)
     n = ref.shape[1]
     if n == 0:

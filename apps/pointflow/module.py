@@ -23,26 +23,26 @@ class PointFlowModule(FlowModule):
 
     ``nll`` is the reconstruction term (nats per shape), so ``bpd`` is bits per coordinate; ``bits_per_point`` is
     logged beside it. The dataset's normalisation (global mean and std) is stored in buffers at the start of training,
-    so that samples drawn from a checkpoint can be returned in the data's own units.
+    so that samples drawn from a checkpoint can be returned in the data's own units. Renders after validation
+    draw as many points per shape as the data's evaluation clouds (``data.eval_points``).
+
+    The auto-encoder of the paper (``experiment=ae``) is ``prior_weight=0, entropy_weight=0`` with a deterministic
+    encoder and no latent flow: the loss is then the reconstruction term alone. Every other argument (optimizer,
+    scheduler, EMA, sample interval) goes to :class:`core.training.FlowModule`.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: Any,
-        scheduler: Any = None,
-        scheduler_interval: str = "epoch",
-        ema_decay: float | None = None,
-        sample_every_n_epochs: int = 1,
         recon_weight: float = 1.0,
         prior_weight: float = 1.0,
         entropy_weight: float = 1.0,
         num_sample_shapes: int = 4,
-        sample_points: int = 2048,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, optimizer, scheduler, scheduler_interval, ema_decay, sample_every_n_epochs)
+        super().__init__(model, **kwargs)
         self.weights = dict(recon=recon_weight, prior=prior_weight, entropy=entropy_weight)
-        self.num_sample_shapes, self.sample_points = num_sample_shapes, sample_points
+        self.num_sample_shapes = num_sample_shapes
         self.register_buffer("data_mean", torch.zeros(1, 3))
         self.register_buffer("data_std", torch.ones(1, 3))
 
@@ -84,15 +84,16 @@ class PointFlowModule(FlowModule):
     def log_samples(self) -> None:
         model = self.eval_model
         clouds, titles = [], []
+        points = self.trainer.datamodule.eval_points
         val = self.trainer.datamodule.val_set
         k = min(self.num_sample_shapes, len(val))
         if k:
             x = torch.stack([torch.as_tensor(val[i]["x"]) for i in range(k)]).to(self.device)
-            recon = model.reconstruct(x, self.sample_points)
+            recon = model.reconstruct(x, points)
             clouds += [c.cpu().numpy() for c in x] + [c.cpu().numpy() for c in recon]
             titles += [f"val {i}" for i in range(k)] + [f"reconstruction {i}" for i in range(k)]
         if getattr(model, "latent", None) is not None:
-            _, gen = model.sample(self.num_sample_shapes, self.sample_points)
+            _, gen = model.sample(self.num_sample_shapes, points)
             clouds += [c.cpu().numpy() for c in gen]
             titles += [f"sample {i}" for i in range(len(gen))]
             log_point_cloud(self.trainer, "samples/point_cloud", gen[0].cpu().numpy())

@@ -12,15 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from apps.pointflow.data import (
-    SHAPENET_CATEGORIES,
-    NormStats,
-    PC15kDataset,
-    PointCloudDataModule,
-    convert_to_pc15k,
-    load_cloud,
-    resolve_categories,
-)
+from apps.pointflow.convert import convert_to_pc15k
+from apps.pointflow.data import PointCloudDataModule
+from apps.pointflow.pc15k import SHAPENET_CATEGORIES, NormStats, PC15kDataset, load_cloud, resolve_categories
 
 REPO = Path(__file__).resolve().parents[3]
 CHAIRS = REPO / "data" / "shapes" / "modelnet10_chair_voxels32_dev.npz"
@@ -77,7 +71,7 @@ def test_unknown_category_lists_known_names(tree):
 
 
 def test_item_shapes_and_dtypes(tree):
-    ds = PC15kDataset(tree, ["airplane", "chair"], "train", tr_points=64, te_points=32)
+    ds = PC15kDataset(tree, ["airplane", "chair"], "train", points=64, eval_points=32)
     assert len(ds) == 7 and ds.categories == [AIRPLANE, CHAIR]
     item = ds[5]
     assert item["x"].shape == (64, 3) and item["x"].dtype == torch.float32
@@ -103,7 +97,7 @@ def test_normalisation_modes(tree, mode):
     raw = _raw(tree, "train")
     mean, std = _expected_stats(raw, mode)
     ds = PC15kDataset(
-        tree, "airplane,chair", "train", tr_points=100, te_points=50, normalize=mode, random_subsample=False
+        tree, "airplane,chair", "train", points=100, eval_points=50, normalize=mode, random_subsample=False
     )
     np.testing.assert_allclose(ds.stats.mean, mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ds.stats.std, std, rtol=1e-5)
@@ -152,12 +146,12 @@ def test_reference_clouds_deterministic(tree):
     assert train_pool.shape == (4, 8000, 3)
     with pytest.raises(ValueError, match="4000"):
         ds.reference_clouds("test", 4001)
-    g = PC15kDataset(tree, "airplane", "test", normalize="axis").reference_clouds(n_points=10)
+    g = PC15kDataset(tree, "airplane", "test", normalize="axis").reference_clouds(points=10)
     assert g[1].shape == (2, 1, 3) and g[2].shape == (2, 1, 3)
 
 
 def test_random_subsampling(tree):
-    ds = PC15kDataset(tree, "airplane", "train", tr_points=256, te_points=128, seed=1)
+    ds = PC15kDataset(tree, "airplane", "train", points=256, eval_points=128, seed=1)
     a, b = ds[0], ds[0]
     assert not torch.equal(a["x"], b["x"]) and not torch.equal(a["test_points"], b["test_points"])
     pool = {tuple(r) for r in ds.clouds[0, :8000].tolist()}
@@ -165,11 +159,11 @@ def test_random_subsampling(tree):
     assert len({tuple(r) for r in a["x"].tolist()}) == 256  # ... without repeats
     test_pool = {tuple(r) for r in ds.clouds[0, 8000:].tolist()}
     assert all(tuple(r) in test_pool for r in a["test_points"].tolist())
-    fixed = PC15kDataset(tree, "airplane", "train", tr_points=256, te_points=128, random_subsample=False)
+    fixed = PC15kDataset(tree, "airplane", "train", points=256, eval_points=128, random_subsample=False)
     assert torch.equal(fixed[0]["x"], fixed[0]["x"]) and torch.equal(
         fixed[0]["x"], torch.from_numpy(fixed.clouds[0, :256])
     )
-    again = PC15kDataset(tree, "airplane", "train", tr_points=256, te_points=128, seed=1)
+    again = PC15kDataset(tree, "airplane", "train", points=256, eval_points=128, seed=1)
     assert torch.equal(again[0]["x"], a["x"])  # the seed fixes the sequence
 
 
@@ -201,8 +195,8 @@ def test_too_few_points_and_missing_or_empty_folders(tree, tmp_path):
     np.save(f, np.zeros((100, 3), np.float32))
     with pytest.raises(ValueError, match="small.npy"):
         load_cloud(f, min_points=15000)
-    with pytest.raises(ValueError, match="te_points=5000"):
-        PC15kDataset(tree, "airplane", te_points=5000)
+    with pytest.raises(ValueError, match="eval_points=5000"):
+        PC15kDataset(tree, "airplane", eval_points=5000)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         PC15kDataset(tmp_path / "nowhere", "airplane")
     with pytest.raises(FileNotFoundError, match=CHAIR):
@@ -367,7 +361,7 @@ def test_real_chairs_first_three(tmp_path):
 
 
 def test_datamodule_end_to_end(tree):
-    dm = PointCloudDataModule(str(tree), categories=["airplane", "chair"], tr_points=128, te_points=64, batch_size=2)
+    dm = PointCloudDataModule(str(tree), categories=["airplane", "chair"], points=128, eval_points=64, batch_size=2)
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_dataloader()) == 3  # 7 shapes, drop_last
@@ -419,10 +413,10 @@ def test_script_help_and_conversion(tmp_path, capsys):
 
     vox = tmp_path / "spheres.npz"
     _voxel_spheres(vox, n=10)
-    cmd = [sys.executable, str(REPO / "scripts" / "pointflow_to_pc15k.py"), "--source", "voxel", "--input", str(vox)]
+    cmd = [sys.executable, "-m", "scripts.pointflow_to_pc15k", "--source", "voxel", "--input", str(vox)]
     cmd += ["--output", str(tmp_path / "out"), "--category", "chair", "--points", "1500", "--quiet"]
     env = {**os.environ, "PYTHONPATH": ""}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "train 8, val 1, test 1" in proc.stdout and CHAIR in proc.stdout
     assert len(list((tmp_path / "out" / CHAIR / "train").glob("*.npy"))) == 8

@@ -92,7 +92,9 @@ def _approxmatch_loops(ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor
     d2 = [[float(((ref[k] - x[l]) ** 2).sum()) for l in range(m)] for k in range(n)]
     for j in range(7, -2, -1):
         level = -(4.0**j)
-        ratio_l = [remain_l[k] / (1e-9 + sum(math.exp(level * d2[k][l]) * remain_r[l] for l in range(m))) for k in range(n)]
+        ratio_l = [
+            remain_l[k] / (1e-9 + sum(math.exp(level * d2[k][l]) * remain_r[l] for l in range(m))) for k in range(n)
+        ]
         ratio_r = [0.0] * m
         for l in range(m):
             s = sum(math.exp(level * d2[k][l]) * ratio_l[k] for k in range(n)) * remain_r[l]
@@ -112,7 +114,10 @@ def _approxmatch_loops(ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor
 @pytest.mark.parametrize("n, m", [(9, 9), (6, 13), (13, 6)])
 def test_approxmatch_equals_the_kernel_loops(n, m):
     g = _gen(20 + n)
-    ref, x = torch.rand(2, n, 3, generator=g, dtype=torch.float64), torch.rand(2, m, 3, generator=g, dtype=torch.float64)
+    ref, x = (
+        torch.rand(2, n, 3, generator=g, dtype=torch.float64),
+        torch.rand(2, m, 3, generator=g, dtype=torch.float64),
+    )
     plan = approxmatch_plan(ref, x)
     for b in range(2):
         want, cost = _approxmatch_loops(ref[b], x[b])

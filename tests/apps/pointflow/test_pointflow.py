@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from apps.pointflow.data import SHAPENET_CATEGORIES
 from apps.pointflow.io import read_cloud
 from apps.pointflow.model import PointFlowModel
+from apps.pointflow.pc15k import SHAPENET_CATEGORIES
 from core.training import fit, restore
 from tests.helpers import run_cli, small_config
 
@@ -50,8 +50,8 @@ def tree(tmp_path_factory) -> Path:
 
 def data_overrides(tree: Path) -> list[str]:
     return [
-        f"data.root={tree}", "data.source=pc15k", "data.categories=chair", "data.tr_points=128",
-        "data.te_points=128", "data.batch_size=3", "data.eval_batch_size=2",
+        f"data.root={tree}", "data.source=pc15k", "data.categories=chair", "data.points=128",
+        "data.eval_points=128", "data.batch_size=3", "data.eval_batch_size=2",
     ]  # fmt: skip
 
 
@@ -107,7 +107,7 @@ def trained(tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pointflow_run")
     cfg = small_config(
         "pointflow", out, *TINY_MODEL, *data_overrides(tree), "trainer.max_epochs=2", "module.num_sample_shapes=2",
-        "module.sample_points=64",
+        "data.eval_points=64",
     )  # fmt: skip
     result = fit(cfg)
     assert result.trainer.global_step == 4
@@ -144,10 +144,10 @@ def test_training_lowers_the_negative_elbo(tree, tmp_path):
 
 def test_checkpoint_stores_the_data_normalisation(trained, tree):
     restored = restore(trained)
-    module, cfg = restored.module, restored.cfg
-    from apps.pointflow.data import PC15kDataset
+    module = restored.module
+    from apps.pointflow.pc15k import PC15kDataset
 
-    stats = PC15kDataset(tree, "chair", "train", tr_points=128, te_points=128).stats
+    stats = PC15kDataset(tree, "chair", "train", points=128, eval_points=128).stats
     torch.testing.assert_close(module.data_mean, torch.as_tensor(stats.mean).reshape(1, 3))
     torch.testing.assert_close(module.data_std, torch.as_tensor(stats.std).reshape(1, 1).expand(1, 3))
 
@@ -164,30 +164,75 @@ def test_sample_command_writes_ply_and_png(trained, tmp_path):
 
 
 def test_reconstruct_and_evaluate_commands(trained, tree, tmp_path):
-    proc = run_cli(
-        "pointflow", "reconstruct", f"ckpt={trained}", "input=test", "points=128", f"hydra.run.dir={tmp_path / 'r'}"
-    )
+    # defaults: the val split (the reference's evaluation set), all of it, exact EMD for reconstruction
+    proc = run_cli("pointflow", "reconstruct", f"ckpt={trained}", f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert m["n"] == 2 and m["CD"] > 0 and m["EMD"] > 0 and len(m["per_shape_CD"]) == 2
+    assert m["split"] == "val" and m["n"] == 2 and m["points"] == 64 and m["emd_method"] == "exact"
+    assert m["CD"] > 0 and m["EMD"] > 0 and len(m["per_shape_CD"]) == 2
     assert len(list((tmp_path / "r" / "reconstructions").glob("*.ply"))) == 2
 
-    proc = run_cli("pointflow", "evaluate", f"ckpt={trained}", "points=128", f"hydra.run.dir={tmp_path / 'e'}")
+    proc = run_cli("pointflow", "evaluate", f"ckpt={trained}", f"hydra.run.dir={tmp_path / 'e'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    for key in ("MMD-CD", "COV-CD", "1-NNA-CD", "MMD-EMD", "COV-EMD", "1-NNA-EMD", "JSD", "test_bits_per_point"):
+    for key in ("MMD-CD", "COV-CD", "1-NNA-CD", "MMD-EMD", "COV-EMD", "1-NNA-EMD", "JSD", "bits_per_point"):
         assert np.isfinite(m[key]), key
-    assert m["n_reference"] == 2 and m["emd_method"] == "exact"
-    assert "1-NNA-CD" in proc.stdout
+    assert m["split"] == "val" and m["n_reference"] == m["n_samples"] == 2 and m["points"] == 64
+    assert m["emd_method"] == "approxmatch"
+    assert "split val" in proc.stdout and "1-NNA-EMD (%)" in proc.stdout and "MMD-CD (x1e3)" in proc.stdout
 
     # score a folder of clouds from elsewhere against a reference folder: a set against itself covers all of it
     proc = run_cli(
         "pointflow", "evaluate", f"samples={tmp_path / 'r' / 'reconstructions'}",
-        f"reference={tmp_path / 'r' / 'reconstructions'}", "points=128", f"hydra.run.dir={tmp_path / 'f'}",
+        f"reference={tmp_path / 'r' / 'reconstructions'}", f"hydra.run.dir={tmp_path / 'f'}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "f" / "metrics.json").read_text())
-    assert m["COV-CD"] == 1.0 and m["MMD-CD"] == 0.0
+    assert m["COV-CD"] == 1.0 and m["MMD-CD"] == 0.0 and m["split"] is None and m["points"] == 64
+
+
+def _restored(trained, command: str, tmp_path, *overrides):
+    from apps.pointflow import commands
+
+    cfg = small_config("pointflow", tmp_path, f"ckpt={trained}", *overrides, command=command)
+    return commands, cfg
+
+
+@pytest.mark.parametrize("split", ["val", "test", "train"])
+def test_evaluate_reference_is_the_chosen_split(trained, tree, tmp_path, split):
+    commands, cfg = _restored(trained, "evaluate", tmp_path, f"split={split}")
+    restored = commands._restore(cfg)
+    ref, what, (x, mean, std) = commands._reference(cfg, restored, 64)
+    files = sorted((tree / SHAPENET_CATEGORIES["chair"] / split).glob("*.npy"))
+    want = np.stack([np.load(f)[-(3000 // 3) :][:64] for f in files])  # each file's test pool, first 64 points
+    assert what["split"] == split and ref.shape == (len(files), 64, 3)
+    np.testing.assert_allclose(ref.numpy(), want, atol=1e-5)
+
+
+def test_evaluate_scores_arrays_and_warns_on_unequal_sets(tmp_path):
+    from apps.pointflow import commands
+
+    rng = np.random.default_rng(0)
+    samples = np.stack([_shape("sphere", rng, 200) for _ in range(3)]).astype(np.float32)  # (3, 200, 3)
+    refs = np.stack([_shape(k, rng, 300) for k in ("sphere", "box", "sphere", "box")]).astype(np.float32)
+    np.save(tmp_path / "samples.npy", samples)
+    np.savez(tmp_path / "refs.npz", pointclouds=refs, labels=np.arange(4))
+    cfg = small_config(
+        "pointflow", tmp_path / "out", f"samples={tmp_path / 'samples.npy'}",
+        f"reference={tmp_path / 'refs.npz'}:pointclouds", "points=150", "emd=approxmatch", command="evaluate",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="3 samples against 4 reference shapes"):
+        m = commands.evaluate(cfg)
+    assert m["n_samples"] == 3 and m["n_reference"] == 4 and m["points"] == 150 and m["emd_method"] == "approxmatch"
+    assert "biased" in m["warning"]
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["1-NNA-EMD"] == m["1-NNA-EMD"] and saved["reference"].endswith("refs.npz:pointclouds")
+    table = commands.paper_table(m)
+    assert "JSD (x1e2)" in table and f"{100 * m['COV-CD']:.2f}" in table and "WARNING" in table
+
+    cfg.reference = str(tmp_path / "refs.npz")  # two arrays and no name: refused, naming them
+    with pytest.raises(ValueError, match="pointclouds"):
+        commands.evaluate(cfg)
 
 
 def test_bad_input_cloud_is_named(trained, tmp_path):
@@ -197,10 +242,26 @@ def test_bad_input_cloud_is_named(trained, tmp_path):
     assert proc.returncode != 0 and "bad.npy" in proc.stderr and "(N, 3)" in proc.stderr
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e5])
+def test_absurd_coordinates_are_refused_before_solving(trained, tmp_path, scale):
+    from apps.pointflow.io import read_cloud_set
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    np.save(folder / "fine.npy", np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32) * 0.3)
+    np.save(folder / "huge.npy", np.random.default_rng(1).normal(size=(100, 3)).astype(np.float32) * scale)
+    commands, cfg = _restored(trained, "reconstruct", tmp_path / "o", f"input={folder}", "points=100")
+    with pytest.raises(ValueError, match="huge.npy"):
+        commands.reconstruct(cfg)  # 1e30: refused on reading; 1e5: ~1e5 data standard deviations away
+    if scale > 1e6:
+        with pytest.raises(ValueError, match=r"huge.npy: coordinates up to"):
+            read_cloud_set(folder)
+
+
 def test_ddp_two_cpu_processes(tree, tmp_path):
     proc = run_cli(
         "pointflow", "train", "trainer=ddp_cpu", "trainer.max_epochs=1", "logger=csv", *TINY_MODEL,
-        *data_overrides(tree), "module.num_sample_shapes=1", "module.sample_points=32",
+        *data_overrides(tree), "module.num_sample_shapes=1", "data.eval_points=32",
         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -218,7 +279,7 @@ def test_short_training_improves_1nna_on_modelnet_chairs(tmp_path):
     from apps.pointflow import metrics as M
 
     common = [
-        "data.tr_points=512", "data.te_points=512", "trainer.max_epochs=12", "module.sample_every_n_epochs=0",
+        "data.points=512", "data.eval_points=512", "trainer.max_epochs=12", "module.sample_every_n_epochs=0",
         "model.atol=1e-3", "model.rtol=1e-3",  # looser solves: ~3x fewer ODE evaluations per step on CPU
     ]  # fmt: skip
     result = fit(small_config("pointflow", tmp_path, *common))
