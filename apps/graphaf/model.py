@@ -107,6 +107,38 @@ class RGCN(nn.Module):
         return h, h.sum(1)
 
 
+    def forward_sparse(
+        self, types: Tensor, src: Tensor, dst: Tensor, rel: Tensor, graph: Tensor, num_graphs: int
+    ) -> tuple[Tensor, Tensor]:
+        """The same R-GCN on a batch of graphs as one sparse graph: ``types`` (N,) of the atoms present, bonds
+        ``src``/``dst``/``rel`` (E,) (each bond once, either direction), ``graph`` (N,) the graph of each atom.
+        Returns node embeddings (N, d) and graph sums (num_graphs, d), equal to :meth:`forward` on the dense layout."""
+        n, r = len(types), self.num_relations
+        h = self.embed(types)
+        a_idx, b_idx = src * r + rel, dst * r + rel  # rows of the (N * R, d) per-relation messages
+        scale = None
+        if self.normalize:
+            deg = torch.ones(n * r, device=types.device, dtype=h.dtype)
+            ones = torch.ones_like(a_idx, dtype=h.dtype)
+            deg = deg.index_add(0, a_idx, ones).index_add(0, b_idx, ones)
+            scale = deg.rsqrt().view(n, r, 1)
+        last = len(self.weights) - 1
+        for k, w in enumerate(self.weights):
+            hw = torch.einsum("nd,rde->nre", h, w)  # (N, R, d)
+            if scale is not None:
+                hw = hw * scale
+            flat = hw.reshape(n * r, -1)
+            out = flat.index_add(0, b_idx, flat[a_idx]).index_add(0, a_idx, flat[b_idx]).view(n, r, -1)
+            if scale is not None:
+                out = out * scale
+            if k < last:
+                out = F.relu(out)
+            h = out.sum(1)
+        if self.norm is not None and n:
+            h = self.norm(h)
+        return h, h.new_zeros(num_graphs, h.shape[-1]).index_add(0, graph, h)
+
+
 @dataclass
 class StepPlan:
     """The teacher-forcing steps of graphs of width L: one per edge step (i, j), shared by every molecule.
@@ -162,6 +194,10 @@ class GraphAF(nn.Module):
             (DIG: off); ``rgcn_batch_norm`` batch-normalised node embeddings (DIG: on). See :class:`RGCN`.
         flow_layers: conditional affine layers per flow; ``st_hidden`` their conditioner MLP sizes and ``st_act`` its
             activation (DIG's ST net: ``tanh``).
+        teacher_forcing: how training runs the R-GCN over every step's partial graph: ``sparse`` (only the atoms and
+            bonds each step has, one sparse graph; faster, see ``scripts/bench_graphaf.py``) or ``dense`` (every step
+            padded to the batch's width L). Same likelihoods; in training mode the batch-norm statistics of
+            ``dense`` also count the padding steps past each molecule's end.
     """
 
     def __init__(
@@ -177,8 +213,12 @@ class GraphAF(nn.Module):
         st_act: str = "tanh",
         rgcn_normalize: bool = False,
         rgcn_batch_norm: bool = True,
+        teacher_forcing: str = "sparse",
     ) -> None:
         super().__init__()
+        if teacher_forcing not in ("sparse", "dense"):
+            raise ValueError(f"GraphAF: teacher_forcing must be sparse or dense, got {teacher_forcing!r}")
+        self.teacher_forcing = teacher_forcing
         self.vocab = AtomVocab.from_tokens(list(atoms), dict(valence) if valence else None)
         self.max_atoms, self.window = int(max_atoms), int(max_edge_unroll)
         k = len(self.vocab)
@@ -212,7 +252,61 @@ class GraphAF(nn.Module):
 
     # ---- density (teacher forcing) ----------------------------------------------------------------------------
     def _contexts(self, x: Tensor, adj: Tensor) -> tuple[Tensor, Tensor, StepPlan]:
-        """Node contexts (B, L, d) and edge contexts (B, S, 3d) of every step, in one batched R-GCN pass."""
+        """Node contexts (B, L, d) and edge contexts (B, S, 3d) of every step, in one batched R-GCN pass
+        (``teacher_forcing``: sparse, only the steps and atoms each molecule has; dense, every step of width L)."""
+        if self.teacher_forcing == "sparse":
+            return self._contexts_sparse(x, adj)
+        return self._contexts_dense(x, adj)
+
+    def _contexts_sparse(self, x: Tensor, adj: Tensor) -> tuple[Tensor, Tensor, StepPlan]:
+        """:meth:`_contexts_dense` without the padding: the partial graph of each step of each molecule (its atoms
+        and stop atom only: ``x >= 0``) holds only the atoms and bonds visible at that step, all in one sparse graph.
+        Steps past a molecule's stop atom get zero contexts (they are masked out of every likelihood)."""
+        b, width = x.shape
+        dev, dtype = x.device, self.rgcn.embed.weight.dtype
+        plan = self.plan(width)
+        s, d = len(plan.ei), self.rgcn.hidden
+        node_ctx = torch.zeros(b, width, d, device=dev, dtype=dtype)
+        edge_ctx = torch.zeros(b, s, 3 * d, device=dev, dtype=dtype)
+        if s == 0:
+            return node_ctx, edge_ctx, plan
+        present = (x >= 0).sum(1)  # atoms of each molecule, the stop atom included (BFS prefix)
+        mol, step = (plan.ei.unsqueeze(0) < present.unsqueeze(1)).nonzero(as_tuple=True)  # (G,) graphs
+        if len(mol) == 0:
+            return node_ctx, edge_ctx, plan
+        gi, gj = plan.ei[step], plan.ej[step]
+        counts = gi + 1  # atoms 0..i
+        start = torch.cumsum(counts, 0) - counts
+        graph = torch.repeat_interleave(torch.arange(len(mol), device=dev), counts)
+        pos = torch.arange(len(graph), device=dev) - start[graph]
+        types = x[mol[graph], pos]
+        # bonds (u < v) of each molecule, padded to the largest count, then those visible at each step's graph
+        upper = torch.triu(adj != NO_BOND, diagonal=1)
+        bm, bu, bv = upper.nonzero(as_tuple=True)
+        nb = torch.bincount(bm, minlength=b)
+        if len(bm):
+            slot = torch.arange(len(bm), device=dev) - (torch.cumsum(nb, 0) - nb)[bm]
+            m = int(nb.max())
+            u = torch.full((b, m), width, device=dev, dtype=torch.long)
+            v = torch.full((b, m), width, device=dev, dtype=torch.long)
+            u[bm, slot], v[bm, slot] = bu, bv
+            gu, gv = u[mol], v[mol]  # (G, M)
+            vis = (gv < gi.unsqueeze(1)) | ((gv == gi.unsqueeze(1)) & (gu < gj.unsqueeze(1)))
+            g_e, k_e = vis.nonzero(as_tuple=True)
+            eu, ev = gu[g_e, k_e], gv[g_e, k_e]
+            rel = adj[mol[g_e], eu, ev]
+            src, dst = start[g_e] + eu, start[g_e] + ev
+        else:
+            src = dst = rel = torch.zeros(0, device=dev, dtype=torch.long)
+        h, hg = self.rgcn.forward_sparse(types, src, dst, rel, graph, len(mol))
+        hi, hj = h[start + gi], h[start + gj]
+        edge_ctx = edge_ctx.index_put((mol, step), torch.cat([hg, hi, hj], dim=-1))
+        first = gj == (gi - self.window).clamp(min=0)  # the first edge step of atom i: i alone, without its bonds
+        node_ctx = node_ctx.index_put((mol[first], gi[first]), hg[first] - hi[first])
+        return node_ctx, edge_ctx, plan
+
+    def _contexts_dense(self, x: Tensor, adj: Tensor) -> tuple[Tensor, Tensor, StepPlan]:
+        """Every step of width L as a dense padded graph: (B * S) graphs of L atoms."""
         b, width = x.shape
         plan = self.plan(width)
         s, d = len(plan.ei), self.rgcn.hidden
