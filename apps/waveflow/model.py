@@ -290,12 +290,12 @@ class RowStepper:
             else:
                 w_rs = torch.cat([wo[:C], w_end @ wo[C:]])
                 b_rs = torch.cat([bo[:C], w_end @ bo[C:]])
-            self.blocks.append((b, w3, w_rs[..., None].contiguous(), b_rs.contiguous()))
+            self.blocks.append((b, w3, w_rs.contiguous(), b_rs.contiguous()))
             bias.append(b.conv.bias)
         self.b_end = b_end.reshape(1, 2, 1)
         bias = torch.cat(bias)  # (L 2C,)
         if net.cond is not None:
-            self.w_cond = net.cond.weight.reshape(L * 2 * C, -1, 1)
+            self.w_cond = net.cond.weight.reshape(L * 2 * C, -1)
             self.b_cond = net.cond.bias + bias
         else:
             self.w_cond, self.b_cond = None, bias.reshape(1, L * 2 * C, 1)
@@ -305,36 +305,35 @@ class RowStepper:
 
     def step(self, x_row: Tensor, context_row: Tensor | None) -> tuple[Tensor, Tensor]:
         """(log_s, t), each (B, W), of input row ``j`` (B, W) (``j`` = the number of earlier calls)."""
-        C, j = self.C, self.j
+        C, j, n = self.C, self.j, len(self.blocks)
         self.j += 1
-        if self.w_cond is not None:
-            conds = F.conv1d(context_row, self.w_cond, self.b_cond)  # (B, L 2C, W), conv biases included
-        else:
-            conds = self.b_cond
-        n = len(self.blocks)
-        h = torch.addcmul(self.b_start, self.w_start, x_row[:, None])  # (B, C, W)
+        conds = _pointwise(self.w_cond, self.b_cond, context_row) if self.w_cond is not None else self.b_cond
+        ring, P = self.rings[0], self.blocks[0][0].pad_h + 1
+        h = torch.addcmul(self.b_start, self.w_start, x_row[:, None], out=ring[:, j % P])  # (B, C, W) in the ring
         skip = None
         for i, (b, w3, w_rs, b_rs) in enumerate(self.blocks):
             ring, P = self.rings[i], b.pad_h + 1
-            r = j % P
-            ring[:, r].copy_(h)
-            ring[:, r + P].copy_(h)
-            s = (j + 1) % P  # ring[s : s + P] = rows j - pad .. j, oldest first
-            if b.dh == 1:
-                window = ring[:, s : s + P].flatten(1, 2)  # (B, k C, W): a view
-            else:
-                window = ring[:, s : s + P : b.dh].flatten(1, 2)
+            ring[:, j % P + P].copy_(h)  # the second copy: rows j - pad .. j are one slice
+            s = (j + 1) % P
+            window = ring[:, s : s + P : b.dh].flatten(1, 2)  # (B, k C, W), oldest row first; a view for dh = 1
             a = F.conv1d(window, w3, None, padding=b.dw * (self.k - 1) // 2, dilation=b.dw)  # (B, 2C, W)
             a += conds[:, i * 2 * C : (i + 1) * 2 * C]
             a[:, :C].tanh_()
             a[:, C:].sigmoid_()
-            g = a[:, :C].mul_(a[:, C:])
-            rs = F.conv1d(g, w_rs, b_rs)  # (B, C + 2, W) or (B, 2, W) for the last layer
-            skip = rs[:, -2:] if skip is None else skip + rs[:, -2:]
+            rs = _pointwise(w_rs, b_rs, a[:, :C].mul_(a[:, C:]))  # (B, C + 2, W), (B, 2, W) for the last layer
+            skip = rs[:, -2:] if skip is None else skip.add_(rs[:, -2:])
             if i + 1 < n:
-                h = h + rs[:, :C]
+                nxt, P = self.rings[i + 1], self.blocks[i + 1][0].pad_h + 1
+                h = torch.add(h, rs[:, :C], out=nxt[:, j % P])
         out = skip + self.b_end
         return out[:, 0], out[:, 1]
+
+
+def _pointwise(w: Tensor, b: Tensor, x: Tensor) -> Tensor:
+    """A 1x1 convolution as one GEMM with its bias: w (N, K), b (N,), x (B, K, W) -> (B, N, W)."""
+    if x.shape[0] == 1:
+        return torch.addmm(b[:, None], w, x[0])[None]
+    return torch.baddbmm(b[:, None], w.expand(x.shape[0], -1, -1), x)
 
 
 FIRST_ROW = ("copy", "transform")
@@ -435,7 +434,7 @@ class WaveFlowLayer(Flow):
             raise ValueError(f"WaveFlowLayer: expected x of shape (B, {self.height}, W), got {tuple(z.shape)}")
         batch, height, width = z.shape
         stepper = RowStepper(self.net, batch, width, z)
-        ctx = None if context is None else context.transpose(1, 2)  # (B, h, C, W) view: row r = ctx[:, r]
+        ctx = None if context is None else context.transpose(1, 2).contiguous()  # (B, h, C, W): row r = ctx[:, r]
         x = torch.empty_like(z)
         neg_log_s = z.new_zeros(batch)
         order = self.order_list
