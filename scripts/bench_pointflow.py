@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
-        size, batch, points, pairs, rounds, shapes, repeats, sample_shapes = "tiny", 2, 128, 2, 2, 6, 1, 1
+        size, batch, points, pairs, rounds, shapes, repeats, sample_shapes = "tiny", 2, 128, 2, 1, 4, 1, 1
     else:
         size = args.model if args.model != "auto" else ("paper" if device == "cuda" else "small")
         batch, points, pairs, rounds = (

@@ -13,6 +13,7 @@ import torch
 from apps.pointflow.io import read_cloud
 from apps.pointflow.model import PointFlowModel
 from apps.pointflow.pc15k import SHAPENET_CATEGORIES
+from core.cli import compose
 from core.training import fit, restore
 from tests.helpers import run_cli, small_config
 
@@ -194,8 +195,7 @@ def test_reconstruct_and_evaluate_commands(trained, tree, tmp_path):
 def _restored(trained, command: str, tmp_path, *overrides):
     from apps.pointflow import commands
 
-    cfg = small_config("pointflow", tmp_path, f"ckpt={trained}", *overrides, command=command)
-    return commands, cfg
+    return commands, compose("pointflow", command, [f"output_dir={tmp_path}", f"ckpt={trained}", *overrides])
 
 
 @pytest.mark.parametrize("split", ["val", "test", "train"])
@@ -217,10 +217,10 @@ def test_evaluate_scores_arrays_and_warns_on_unequal_sets(tmp_path):
     refs = np.stack([_shape(k, rng, 300) for k in ("sphere", "box", "sphere", "box")]).astype(np.float32)
     np.save(tmp_path / "samples.npy", samples)
     np.savez(tmp_path / "refs.npz", pointclouds=refs, labels=np.arange(4))
-    cfg = small_config(
-        "pointflow", tmp_path / "out", f"samples={tmp_path / 'samples.npy'}",
-        f"reference={tmp_path / 'refs.npz'}:pointclouds", "points=150", "emd=approxmatch", command="evaluate",
-    )  # fmt: skip
+    cfg = compose("pointflow", "evaluate", [
+        f"output_dir={tmp_path / 'out'}", f"samples={tmp_path / 'samples.npy'}",
+        f"reference={tmp_path / 'refs.npz'}:pointclouds", "points=150", "emd=approxmatch",
+    ])  # fmt: skip
     with pytest.warns(UserWarning, match="3 samples against 4 reference shapes"):
         m = commands.evaluate(cfg)
     assert m["n_samples"] == 3 and m["n_reference"] == 4 and m["points"] == 150 and m["emd_method"] == "approxmatch"
