@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
                     runs["port fp32"], audio_s, info = port_synthesis(args.port, channels, frames, batch, layers, flows)
                     meta["port fp32"] = (audio_s, info, "L0SG/WaveFlow")
                 if args.port is None:  # one contender at a time: measure_rtf is the routine evaluate uses
-                    times = {k: measure_rtf(run, meta[k][0], args.warmup, repeats)["seconds"] for k, run in runs.items()}
+                    times = {
+                        k: measure_rtf(run, meta[k][0], args.warmup, repeats)["seconds"] for k, run in runs.items()
+                    }
                 else:
                     times = _alternate(runs, args.warmup, repeats, args.rounds)
                 for prec, ts in times.items():
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                     })  # fmt: skip
                     Console().print({k: v for k, v in rows[-1].items() if k != "times_s"})
                 if "port fp32" in times:
-                    ours = next(r for r in rows[-len(times):] if r["precision"] == "fp32")
+                    ours = next(r for r in rows[-len(times) :] if r["precision"] == "fp32")
                     port = rows[-1]
                     ours["vs_port"] = ours["x_realtime"] / port["x_realtime"]
         if not args.no_train:
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                     "times_s": ts, "kHz": train_batch * segment / t / 1e3,
                 })  # fmt: skip
             if "port fp32" in times:
-                ours = next(r for r in rows[-len(times):] if r["precision"] == "fp32")
+                ours = next(r for r in rows[-len(times) :] if r["precision"] == "fp32")
                 ours["vs_port"] = ours["time_s"] / rows[-1]["time_s"]
 
     title = (f"WaveFlow speed ({model_name}; {device}, {torch.get_num_threads()} CPU threads; "

@@ -66,7 +66,9 @@ class GraphSynthesizer:
             self.noise.normal_()
         else:
             if noise.shape != self.noise.shape:
-                raise ValueError(f"GraphSynthesizer: noise of shape {tuple(self.noise.shape)}, got {tuple(noise.shape)}")
+                raise ValueError(
+                    f"GraphSynthesizer: noise of shape {tuple(self.noise.shape)}, got {tuple(noise.shape)}"
+                )
             self.noise.copy_(noise)
         if self.graph is None:
             with torch.inference_mode():

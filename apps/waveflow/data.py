@@ -4,8 +4,8 @@ random fixed-length segments with their aligned log-mel frames.
 LJSpeech layout: ``<root>/metadata.csv`` (``id|transcription|normalized transcription``) and
 ``<root>/wavs/<id>.wav``. Any other folder: every ``*.wav`` below it, the id being the path relative to the root
 without the suffix. Splits: ``train.txt`` / ``val.txt`` / ``test.txt`` (one id a line) in ``splits_dir`` (default:
-the root), else the references' held-out set: the first ``test_size`` utterances in id order (LJSpeech: LJ001-0001..0016,
-Parakeet's 16), the next ``val_size`` for validation (``held_out=random``: a seeded random draw instead).
+the root), else the references' held-out set: the first ``test_size`` utterances in id order (LJSpeech:
+LJ001-0001..0016, Parakeet's 16), the next ``val_size`` for validation (``held_out=random``: a seeded random draw).
 
 Alignment: a segment starts on a hop boundary, ``start = k * hop``; its mel frames are frames ``k .. k + L // hop``
 of the whole utterance's centred log-mel (frame ``k`` centred on sample ``k * hop``), so training sees exactly the
@@ -38,7 +38,6 @@ class Utterance:
     id: str
     path: Path
     text: str = ""
-
 
 
 def find_utterances(root: str | Path) -> list[Utterance]:

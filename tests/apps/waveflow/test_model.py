@@ -179,22 +179,27 @@ def test_first_row_convention_and_row_steps(first_row, steps, monkeypatch):
 
 
 @pytest.mark.parametrize("first_row", ["copy", "transform"])
-def test_fast_stepper_equals_the_differentiable_step_and_the_naive_inverse(first_row):
-    """The no-grad RowStepper (rings, folded output conv, in-place gate) against the list-cache step with autograd
-    on, with height dilations 1, 2 and 4 (the strided ring path), a batch of 2 and a bipartite order."""
+@pytest.mark.parametrize("context_channels", [3, 0])
+def test_fast_stepper_equals_the_differentiable_step_and_the_naive_inverse(first_row, context_channels):
+    """The no-grad RowStepper (rings, folded output conv, GEMMs on shifted views, in-place gate) against the
+    list-cache step with autograd on, with height dilations 1, 2 and 4 (the strided ring path), a width dilation (8)
+    wider than the matrix (7 columns), a batch of 2 and a bipartite order; with and without a mel."""
     torch.manual_seed(0)
     layer = WaveFlowLayer(
-        8, context_channels=3, channels=6, n_layers=3, dilations_h=[1, 2, 4], order=[3, 2, 1, 0, 7, 6, 5, 4],
-        first_row=first_row,
+        8, context_channels=context_channels, channels=6, n_layers=4, dilations_h=[1, 2, 4, 1],
+        order=[3, 2, 1, 0, 7, 6, 5, 4], first_row=first_row,
     ).double()  # fmt: skip
     _perturb(layer, 0.2)
-    z, c = torch.randn(2, 8, 7, dtype=torch.float64), torch.randn(2, 3, 8, 7, dtype=torch.float64)
+    z = torch.randn(2, 8, 7, dtype=torch.float64)
+    c = torch.randn(2, 3, 8, 7, dtype=torch.float64) if context_channels else None
     with torch.no_grad():
         fast, ld_fast = layer.inverse(z, c)
         naive, ld_naive = layer.inverse_naive(z, c)
+        one, _ = layer.inverse(z[1:], None if c is None else c[1:])  # batch 1 takes the 2-D GEMM path
     slow, ld_slow = layer.inverse(z.requires_grad_(), c)  # autograd on: the list-cache path
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(one, fast[1:], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ld_fast, ld_slow.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ld_fast, ld_naive, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer(fast, c)[0], z.detach(), rtol=1e-9, atol=1e-9)
