@@ -5,7 +5,7 @@
     python -m scripts.bench_waveflow --quick --json bench.json         # toy sizes, a few seconds
 
 Synthesis is timed as Parakeet's WaveFlow benchmark times it (``apps.waveflow.commands.measure_rtf``): a warm-up
-call first (and torch.compile, where used, inside it), then ``--repeats`` timed calls under
+call first, then ``--repeats`` timed calls under
 ``torch.inference_mode``, the median reported; batch 1 and batch 8 are separate rows (``x_realtime`` counts the
 audio of the whole batch). Models are the paper's (h=16, 8 flows x 8 layers) at 64 (and 128) residual channels
 with random weights (speed does not depend on them), weight norm folded.
@@ -72,8 +72,8 @@ def port_model(path: Path, channels: int, layers: int = 8, flows: int = 8) -> to
 
 # ---- synthesis ------------------------------------------------------------------------------------------------
 def our_synthesis(channels: int, device: str, dtype: torch.dtype, frames: int, batch: int, layers: int = 8,
-                  flows: int = 8, compile: bool = False) -> tuple[Callable[[], float], float, dict]:  # fmt: skip
-    model = prepare_for_inference(our_model(channels, layers, flows), torch.device(device), dtype, compile)
+                  flows: int = 8) -> tuple[Callable[[], float], float, dict]:  # fmt: skip
+    model = prepare_for_inference(our_model(channels, layers, flows), torch.device(device), dtype)
     mel = torch.randn(batch, 80, frames, device=device) - 5.0
     audio_s = batch * frames * HOP / SR
     info = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (with --port)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--port", type=Path, default=None, help="a checkout of L0SG/WaveFlow to time beside ours (CPU)")
-    p.add_argument("--compile", action="store_true", help="also torch.compile the row step")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-synthesis", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -217,11 +216,6 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         runs[prec], audio_s, info = our_synthesis(channels, device, dtype, frames, batch, layers, flows)
                     meta[prec] = (audio_s, info, "flowsuite")
-                    if args.compile:
-                        key = prec + " +compile"
-                        runs[key], audio_s, info = our_synthesis(channels, device, dtype, frames, batch, layers, flows,
-                                                                 compile=True)  # fmt: skip
-                        meta[key] = (audio_s, info, "flowsuite")
                 if args.port is not None and device == "cpu":
                     runs["port fp32"], audio_s, info = port_synthesis(args.port, channels, frames, batch, layers, flows)
                     meta["port fp32"] = (audio_s, info, "L0SG/WaveFlow")

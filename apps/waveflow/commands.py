@@ -39,16 +39,10 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype:
     return choices[precision]
 
 
-def prepare_for_inference(model: WaveFlow, device: torch.device, dtype: torch.dtype, compile: bool = False) -> WaveFlow:
-    """Weight norm folded (same function, one weight per conv), eval mode on ``device`` in ``dtype`` (in place);
-    ``compile`` wraps every conditioner layer's row step in torch.compile (the differentiable path's)."""
-    model = model.fold_weight_norm().to(device=device, dtype=dtype).eval()
-    if compile:
-        for layer in model.layers:
-            for block in layer.net.blocks:
-                # dynamic: one compilation serves every utterance length (a static graph recompiles per width)
-                block.step = torch.compile(block.step, dynamic=True)
-    return model
+def prepare_for_inference(model: WaveFlow, device: torch.device, dtype: torch.dtype) -> WaveFlow:
+    """Weight norm folded (the same function, one weight per conv), eval mode, on ``device`` in ``dtype`` (in place).
+    On a GPU, :class:`apps.waveflow.cuda_graph.GraphSynthesizer` removes the launch overhead of the row steps."""
+    return model.fold_weight_norm().to(device=device, dtype=dtype).eval()
 
 
 def timed_synthesis(model: WaveFlow, mel: torch.Tensor, sigma: float, length: int | None = None, fast: bool = True):
@@ -102,9 +96,7 @@ def _load(cfg: DictConfig, overrides: dict | None = None) -> tuple[WaveFlow, Res
     front end of its data (checked against the model's hop) and the device."""
     device = resolve_device(cfg.get("device"))
     restored = restore(cfg.ckpt, overrides, app=cfg.app)
-    model = prepare_for_inference(
-        restored.module.eval_model, device, _dtype(cfg.get("precision", "auto"), device), cfg.get("compile", False)
-    )
+    model = prepare_for_inference(restored.module.eval_model, device, _dtype(cfg.get("precision", "auto"), device))
     mel_cfg = restored.datamodule.mel_config
     model.check_hop(mel_cfg.hop_length)
     return model, restored, mel_cfg, device
