@@ -21,12 +21,17 @@ def bits_per_dim_to_nats(bpd: Tensor | float, num_dims: int) -> Tensor | float:
     return bpd * num_dims * LN2
 
 
-def discrete_bits_per_dim(nll_nats_scaled: Tensor | float, num_dims: int, scale: float) -> Tensor | float:
-    """Bits per dimension of discrete data modelled as continuous data divided by ``scale`` (e.g. 256).
+def discrete_bits_per_dim(nll_nats: Tensor | float, num_dims: int) -> Tensor | float:
+    """Bits per dimension of discrete data (integers in ``[0, levels)``) from ``nll_nats = -log P(x)`` per sample.
 
-    A model of ``y = x / scale`` has density ``p_x = p_y / scale^D``, so ``-log p_x = -log p_y + D log scale``.
+    The one way to model discrete data here is a dequantization layer first in the flow
+    (:class:`core.flows.UniformDequantization` or :class:`core.flows.VariationalDequantization`, ``levels = 2**bits``)
+    fed the integer data: its log-det already holds the ``-D log(levels)`` of the scaling ``(x + u) / levels``
+    (and ``-log q(u|x)``), so ``-model.log_prob(x)`` is the (bound on the) discrete NLL and no further
+    ``D log(levels)`` is added. For 8-bit data under a model uniform on ``[0, 1)^D`` this gives 8 bits/dim.
+    Do not scale the data in the pipeline as well: the layer expects integers.
     """
-    return (nll_nats_scaled + num_dims * math.log(scale)) / (num_dims * LN2)
+    return nll_nats / (num_dims * LN2)
 
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:

@@ -16,6 +16,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,8 @@ from torchdiffeq import odeint, odeint_adjoint
 from core.flows.base import Flow, sum_except_batch
 
 __all__ = ["CNF", "regularization_loss", "hutchinson_noise", "divergence_exact", "divergence_hutchinson"]
+
+_MAX_PENDING = 64  # uncollected forward-solve records a CNF keeps before dropping the oldest
 
 
 def hutchinson_noise(like: Tensor, kind: str) -> Tensor:
@@ -68,18 +71,20 @@ class _ODEFunc(nn.Module):
 
     The Hutchinson noise and the context ride in the state with zero derivative, so the adjoint pass
     re-evaluates the dynamics with exactly the noise and context of its own solve (and gives the context a
-    gradient); an empty tensor stands for "none".
+    gradient); an empty tensor stands for "none". Whether the regularisers are integrated is read from the
+    state itself (6 entries with them, 4 without), not from module state: a later solve (an inverse, a sample)
+    cannot change what the adjoint pass of an earlier solve integrates.
     """
 
     def __init__(self, dynamics: nn.Module, trace: str) -> None:
         super().__init__()
         self.dynamics = dynamics
         self.trace = trace
-        self.regularize = False
         self.num_evals = 0
 
     def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.num_evals += 1
+        regularize = len(state) == 6
         x, noise, context = state[0], state[-2], state[-1]
         context = context if context.numel() else None
         create_graph = torch.is_grad_enabled()
@@ -90,12 +95,12 @@ class _ODEFunc(nn.Module):
             dx = self.dynamics(t, x, context)
             e_jac = None
             if self.trace == "hutchinson":
-                div, e_jac = divergence_hutchinson(dx, x, noise, create_graph or self.regularize)
+                div, e_jac = divergence_hutchinson(dx, x, noise, create_graph or regularize)
             else:
                 pointwise = getattr(self.dynamics, "pointwise", False)
                 div = divergence_exact(dx, x, create_graph, pointwise)
             out = [dx, div]
-            if self.regularize:
+            if regularize:
                 if e_jac is None:
                     _, e_jac = divergence_hutchinson(dx, x, noise, True)
                 out += [sum_except_batch(dx * dx), sum_except_batch(e_jac * e_jac)]
@@ -115,7 +120,10 @@ class CNF(Flow):
         adjoint: integrate the backward pass with the adjoint method (memory O(1) in the solver steps).
         end_time, train_end_time: initial ``T`` and whether it is learned.
         kinetic_energy, jacobian_norm: weights of the regularisers ``int |f|^2 dt`` and
-            ``int |e^T df/dx|^2 dt``, computed in training only; read them with :func:`regularization_loss`.
+            ``int |e^T df/dx|^2 dt``, integrated in the ODE state of each training-mode ``forward`` solve
+            (never by ``inverse``). Each such solve records its integrals; :func:`regularization_loss` collects
+            (and clears) the records, so a sample drawn between the forward pass and the loss changes nothing.
+            ``regularization`` holds the integrals of the latest forward solve (empty when it had none).
         adjoint_seminorm: control the adjoint solve's step size by the state only, not the parameter
             gradients (Kidger et al. 2021, "Hey, that's not an ODE"): fewer backward steps, same gradients
             up to the tolerance.
@@ -151,7 +159,9 @@ class CNF(Flow):
         else:
             self.register_buffer("sqrt_end_time", sqrt_t)
         self.kinetic_energy, self.jacobian_norm = kinetic_energy, jacobian_norm
-        self.regularization: dict[str, Tensor] = {}
+        self.regularization: dict[str, Tensor] = {}  # the latest forward solve's integrals, for inspection
+        self._pending: list[dict[str, Tensor]] = []  # forward solves' integrals not yet collected
+        self._warned = False
 
     @property
     def trace(self) -> str:
@@ -171,7 +181,6 @@ class CNF(Flow):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("CNF needs autograd for its trace: use torch.no_grad(), not torch.inference_mode()")
         regularize = self.training and (self.kinetic_energy > 0 or self.jacobian_norm > 0) and not reverse
-        self.func.regularize = regularize
         needs_noise = self.func.trace == "hutchinson" or regularize
         noise = hutchinson_noise(x, self.noise_kind) if needs_noise else x.new_zeros(0)
         zero = x.new_zeros(x.shape[0])
@@ -190,11 +199,34 @@ class CNF(Flow):
         else:
             out = odeint(self.func, state, times, **kwargs)
         final = [o[-1] for o in out]
-        if regularize:
-            self.regularization = {"kinetic_energy": final[2], "jacobian_norm": final[3]}
-        else:
-            self.regularization = {}
+        if not reverse:
+            self.regularization = {"kinetic_energy": final[2], "jacobian_norm": final[3]} if regularize else {}
+            if regularize:
+                self._record(self.regularization)
         return final[0], final[1]
+
+    def _record(self, integrals: dict[str, Tensor]) -> None:
+        if len(self._pending) >= _MAX_PENDING:
+            # nobody collects (a training-mode loop without regularization_loss): keep memory bounded
+            if not self._warned:
+                warnings.warn(
+                    f"CNF: {_MAX_PENDING} forward solves' regularisers were never collected; call "
+                    "core.flows.regularization_loss(model) once per training step (the oldest are dropped)",
+                    stacklevel=3,
+                )
+                self._warned = True
+            self._pending.pop(0)
+        self._pending.append(integrals)
+
+    def collect_regularization(self) -> Tensor | None:
+        """Weighted regulariser, averaged over the batch and summed over the forward solves since the last
+        collection (None if there were none); clears the records."""
+        pending, self._pending = self._pending, []
+        total = None
+        for r in pending:
+            term = self.kinetic_energy * r["kinetic_energy"].mean() + self.jacobian_norm * r["jacobian_norm"].mean()
+            total = term if total is None else total + term
+        return total
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._solve(x, context, reverse=False)
@@ -204,11 +236,13 @@ class CNF(Flow):
 
 
 def regularization_loss(model: nn.Module) -> Tensor | None:
-    """Weighted sum, averaged over the batch, of the regularisers the CNFs in ``model`` computed last forward."""
+    """Weighted sum, averaged over the batch, of the regularisers the CNFs in ``model`` integrated in their
+    training-mode forward solves since the last call (None if there were none). Inverse solves (sampling)
+    record nothing. The records are cleared: call this once per training step, where the loss is built."""
     total = None
     for m in model.modules():
-        if isinstance(m, CNF) and m.regularization:
-            term = m.kinetic_energy * m.regularization["kinetic_energy"].mean()
-            term = term + m.jacobian_norm * m.regularization["jacobian_norm"].mean()
-            total = term if total is None else total + term
+        if isinstance(m, CNF):
+            term = m.collect_regularization()
+            if term is not None:
+                total = term if total is None else total + term
     return total

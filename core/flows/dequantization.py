@@ -7,6 +7,10 @@ log-likelihood ``log P(x)`` (Theis et al. 2016; Ho et al. 2019). ``inverse`` qua
 For fixed ``u`` the forward map is the scaling ``x / levels`` (plus a constant), so its Jacobian log-det is
 ``-D log(levels)``; the ``-log q`` term is the variational part of the bound, zero for uniform noise.
 
+Every dequantization draws base noise ``eps`` (:meth:`draw_noise`, density :meth:`noise_log_prob`) and maps it
+deterministically to ``u`` (:meth:`dequantize`); ``forward(x) = dequantize(x, draw_noise(x))``. So
+``log q(u|x) = log p(eps) - log|det du/deps|``, which the generic flow suite checks on the autograd Jacobian.
+
 References:
     Ho et al., Flow++ (2019), arXiv:1902.00275.
 """
@@ -36,6 +40,22 @@ class _Dequantization(Flow):
     def _scale_logdet(self, x: Tensor) -> Tensor:
         return x.new_full((x.shape[0],), -x[0].numel() * math.log(self.levels))
 
+    def draw_noise(self, x: Tensor) -> Tensor:
+        """The base noise ``eps`` for ``x``, shaped like ``x``."""
+        raise NotImplementedError
+
+    def noise_log_prob(self, eps: Tensor) -> Tensor:
+        """``log p(eps)`` per sample, the density :meth:`draw_noise` draws from."""
+        raise NotImplementedError
+
+    def dequantize(self, x: Tensor, eps: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(y, logdet)`` for integer ``x`` and base noise ``eps``: ``y = (x + u(eps; x)) / levels`` and
+        ``logdet = -D log(levels) - log q(u|x)``. Deterministic given ``eps``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.dequantize(x, self.draw_noise(x), context)
+
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = torch.floor(z * self.levels).clamp(0, self.levels - 1)
         return x, -self._scale_logdet(z)
@@ -62,9 +82,14 @@ class UniformDequantization(_Dequantization):
         finally:
             self.center = previous
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        u = torch.full_like(x, 0.5) if self.center else torch.rand_like(x)
-        return (x + u) / self.levels, self._scale_logdet(x)
+    def draw_noise(self, x: Tensor) -> Tensor:
+        return torch.full_like(x, 0.5) if self.center else torch.rand_like(x)
+
+    def noise_log_prob(self, eps: Tensor) -> Tensor:
+        return eps.new_zeros(eps.shape[0])  # U[0, 1)^D
+
+    def dequantize(self, x: Tensor, eps: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return (x + eps) / self.levels, self._scale_logdet(x)  # u = eps, log q(u|x) = 0
 
 
 class VariationalDequantization(_Dequantization):
@@ -86,9 +111,14 @@ class VariationalDequantization(_Dequantization):
         h = 2 * x / (self.levels - 1) - 1
         return self.encoder(h) if self.encoder is not None else h
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        eps = torch.randn_like(x)
-        log_q = sum_except_batch(-0.5 * eps * eps - 0.5 * math.log(2 * math.pi))
+    def draw_noise(self, x: Tensor) -> Tensor:
+        return torch.randn_like(x)
+
+    def noise_log_prob(self, eps: Tensor) -> Tensor:
+        return sum_except_batch(-0.5 * eps * eps - 0.5 * math.log(2 * math.pi))
+
+    def dequantize(self, x: Tensor, eps: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        log_q = self.noise_log_prob(eps)
         v, logdet_g = self.noise_flow.inverse(eps, self._condition(x))
         u = torch.sigmoid(v)
         log_q = log_q - logdet_g - sum_except_batch(F.logsigmoid(v) + F.logsigmoid(-v))

@@ -114,7 +114,10 @@ class ActNorm(Flow):
 
     Data-dependent initialisation: on the first forward pass in training mode, ``bias`` and ``log_std`` are set
     so that the output has zero mean and unit variance per channel over that batch (over all ranks under
-    ``torch.distributed``). The log-det is ``-sum(log_std)`` times the number of spatial positions.
+    ``torch.distributed``, weighted by each rank's number of values). The statistics are two-pass and centred,
+    accumulated in float64: first the mean, then the mean squared deviation from it (``E[x^2] - mean^2`` in
+    float32 cancels for data far from zero, e.g. mean 1000 and std 0.5). The log-det is ``-sum(log_std)`` times
+    the number of spatial positions.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
@@ -127,12 +130,20 @@ class ActNorm(Flow):
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         dims = [d for d in range(x.dim()) if d != 1]
-        stats = torch.stack([x.mean(dim=dims), (x * x).mean(dim=dims)])  # (2, C)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
-            stats /= torch.distributed.get_world_size()
-        mean, sq = stats
-        std = (sq - mean * mean).clamp_min(0).sqrt()
+        acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+        xa = x.detach().to(acc)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # pass 1: count-weighted mean over every rank (sum and count reduced together)
+        count = xa.new_full((1,), x.numel() // x.shape[1])
+        sums = torch.cat([xa.sum(dim=dims), count])
+        if distributed:
+            torch.distributed.all_reduce(sums)
+        mean = sums[:-1] / sums[-1]
+        # pass 2: the second moment about that global mean
+        sq = (xa - _broadcast_channel(mean, xa)).square().sum(dim=dims)
+        if distributed:
+            torch.distributed.all_reduce(sq)
+        std = (sq / sums[-1]).sqrt()
         self.bias.copy_(mean)
         self.log_std.copy_(torch.log(std + self.eps))
         self.initialized.fill_(True)

@@ -7,6 +7,7 @@ and a sample-logging hook.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DistributedSampler
 
 from core.flows.continuous import regularization_loss
@@ -27,7 +28,35 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; the message names the step, the term and the rescue checkpoint."""
+    """A loss term, a gradient or (after an optimizer step) a weight became NaN or infinite; the message names the
+    step, the term or parameter, and the rescue checkpoint (which holds only finite tensors) if one was written."""
+
+
+def _ema_update(decay: float, ema: list[Tensor], current: list[Tensor], _n_averaged: Tensor) -> None:
+    """One EMA step for one group of tensors (``AveragedModel`` groups parameters and buffers by device and dtype).
+
+    Floating-point tensors move towards the model's by ``1 - decay`` (an exact no-op when they are equal);
+    integer and bool buffers (permutations, generation orders, flags) are copied exactly: averaging them in float
+    and truncating back corrupts them (a ``long`` 3 becomes 2 at decay 0.9995).
+    """
+    with torch.no_grad():
+        if ema[0].is_floating_point() or ema[0].is_complex():
+            torch._foreach_lerp_(ema, current, 1.0 - decay)
+        else:
+            for e, c in zip(ema, current, strict=True):
+                e.copy_(c)
+
+
+def _non_finite(named: list[tuple[str, Tensor]]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity (one device sync for the whole list)."""
+    if not named:
+        return []
+    flags = [torch.isfinite(t.detach()).all() for _, t in named]
+    dev = flags[0].device
+    ok = torch.stack([f.to(dev) for f in flags])
+    if bool(ok.all()):
+        return []
+    return [name for (name, _), good in zip(named, ok.tolist(), strict=True) if not good]
 
 
 class FlowModule(pl.LightningModule):
@@ -38,7 +67,9 @@ class FlowModule(pl.LightningModule):
         model: the density model.
         optimizer: partial ``torch.optim`` constructor taking the parameters (Hydra ``_partial_: true``).
         scheduler: optional partial LR scheduler taking the optimizer; stepped every ``scheduler_interval``.
-        ema_decay: keep an exponential moving average of the weights (used for validation and sampling).
+        ema_decay: keep an exponential moving average of the weights (used for validation and sampling), updated
+            once per optimizer step; floating-point parameters and buffers are averaged, integer and bool buffers
+            copied exactly.
         sample_every_n_epochs: call :meth:`log_samples` on rank zero after validation every n epochs (0: never).
     """
 
@@ -59,8 +90,12 @@ class FlowModule(pl.LightningModule):
         self.sample_every_n_epochs = sample_every_n_epochs
         self.ema = None
         if ema_decay:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if not 0.0 < ema_decay < 1.0:
+                raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
+            avg = functools.partial(_ema_update, float(ema_decay))
+            self.ema = AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
             self.ema.requires_grad_(False)
+        self._step_pending = False  # an optimizer step ran whose weights are not yet checked nor averaged
         self.run_config: dict | None = None  # the resolved config, stored in every checkpoint
         self._eval_seen = 0  # evaluation samples this rank has seen in the current epoch (DDP padding)
 
@@ -190,7 +225,25 @@ class FlowModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._eval_seen = 0
 
+    # ---- once per optimizer step: gradient check before it, weight check and EMA update after it --------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._guard_gradients()
+        self._step_pending = True
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._after_optimizer_step()  # before callbacks' on_train_batch_end, where checkpoints are written
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._after_optimizer_step()  # manual optimization calls no optimizer_step hook
+
+    def _after_optimizer_step(self) -> None:
+        """Runs once per optimizer step, not per micro-batch (``accumulate_grad_batches > 1`` fires
+        ``on_train_batch_end`` per micro-batch): checks the new weights, then moves the EMA."""
+        if not self._step_pending:
+            return
+        self._step_pending = False
+        self._guard_weights()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
@@ -216,21 +269,67 @@ class FlowModule(pl.LightningModule):
             checkpoint["flowsuite_config"] = self.run_config
 
     # ---- NaN guard ----------------------------------------------------------------------------------------
+    # Three checks, so that the weights the guard saves are always the last finite ones: the loss terms before
+    # backward (training_step), the gradients before the optimizer applies them (on_before_optimizer_step), and
+    # the weights right after each optimizer step (a finite gradient can still overflow them). The first two stop
+    # while the weights are still those the previous step left, which passed the third check.
     def _guard_finite(self, terms: dict[str, Tensor]) -> None:
-        bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v.detach()).all()}
+        bad = [f"{k}={float(v.detach().float().mean())}" for k, v in terms.items() if not torch.isfinite(v).all()]
+        self._stop_if_non_finite("loss", bad, rescue=True)
+
+    def _guard_gradients(self) -> None:
+        if self._trainer is not None and getattr(self.trainer.strategy.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: the GradScaler skips steps with non-finite gradients and lowers the scale
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        self._stop_if_non_finite("gradient", _non_finite(named), rescue=True)
+
+    def _guard_weights(self) -> None:
+        named = [(n, p) for n, p in self.model.named_parameters(prefix="model")]
+        self._stop_if_non_finite("weight after the optimizer step", _non_finite(named), rescue=False)
+
+    def _stop_if_non_finite(self, what: str, bad: list[str], rescue: bool) -> None:
+        """Raise :class:`NonFiniteLossError` naming the step and ``bad`` (terms or parameters) if any rank found
+        one; with ``rescue``, first save the current (still finite) state, unless some tensor of it is not."""
         if self._trainer is None:
             if bad:
-                raise NonFiniteLossError(f"non-finite loss term(s) {bad}")
+                raise NonFiniteLossError(f"non-finite {what}: {', '.join(bad)}")
             return
         # every rank must take the same decision, or the checkpoint save below would deadlock under DDP
         stop = self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False)
         if not stop:
             return
-        path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nan-guard-step{self.global_step}.ckpt"
+        where = (", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")) or "on another rank"
+        head = f"non-finite {what} at step {self.global_step} (epoch {self.current_epoch}): {where}."
+        advice = "after lowering the learning rate or enabling gradient clipping (trainer.gradient_clip_val=1.0)."
+        ckpt_dir = Path(self.trainer.default_root_dir) / "checkpoints"
+        if not rescue:
+            raise NonFiniteLossError(
+                f"{head} The weights are lost, so no rescue checkpoint is written; resume from the last checkpoint in "
+                f"{ckpt_dir} {advice}"
+            )
+        unsaved = self._non_finite_state()
+        if self.trainer.strategy.reduce_boolean_decision(bool(unsaved), all=False):
+            raise NonFiniteLossError(
+                f"{head} No rescue checkpoint is written: the current state already holds non-finite tensors "
+                f"({', '.join(unsaved[:8]) or 'on another rank'}); resume from the last checkpoint in {ckpt_dir} "
+                f"{advice}"
+            )
+        path = ckpt_dir / f"nan-guard-step{self.global_step}.ckpt"
         self.trainer.save_checkpoint(path)
-        where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
         raise NonFiniteLossError(
-            f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {where}. "
-            f"The last good weights are saved in {path}; resume with ckpt_path={path} after lowering the "
-            f"learning rate or enabling gradient clipping (trainer.gradient_clip_val=1.0)."
+            f"{head} The last good weights are saved in {path} (the bad step was not applied); resume with "
+            f"ckpt_path={path} {advice}"
         )
+
+    def _non_finite_state(self) -> list[str]:
+        """Non-finite tensors among what a checkpoint holds of the training state: weights, buffers, EMA and
+        optimizer states."""
+        named = [(k, v) for k, v in self.state_dict().items() if v.is_floating_point() or v.is_complex()]
+        for i, opt in enumerate(self.trainer.optimizers):
+            for pid, state in opt.state_dict()["state"].items():
+                named += [
+                    (f"optimizer{i}.state.{pid}.{k}", v)
+                    for k, v in state.items()
+                    if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())
+                ]
+        return _non_finite(named)

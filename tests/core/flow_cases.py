@@ -24,12 +24,14 @@ from core.flows import (
     Inverse,
     Logit,
     MaskedAffineAutoregressive,
+    Permutation,
     RandomPermutation,
     Reverse,
     Sequential,
     Split,
     Squeeze,
     UniformDequantization,
+    VariationalDequantization,
     alternating_mask,
     channel_mask,
     checkerboard_mask,
@@ -47,6 +49,8 @@ class Case:
     inputs: str = "normal"  # normal | unit (inside (0,1)) | integer (0..levels-1)
     jacobian: bool = True  # whether log-det equals the Jacobian log-det (not for stochastic bounds)
     inverse_jacobian: bool = True  # False where the inverse is piecewise constant (quantization)
+    # a dequantization layer: log-det = -D log(levels) - log q(u|x), checked on the Jacobian of its noise
+    dequantization: bool = False
     tol: float = 1e-8
     tags: set = field(default_factory=set)
 
@@ -64,6 +68,21 @@ def _cnf(context: int = 0, trace: str = "exact") -> CNF:
     return CNF(dyn, trace=trace, solver="dopri5", atol=1e-10, rtol=1e-10, adjoint=False, end_time=0.5)
 
 
+def _variational_dequantization(encoder: nn.Module | None = None) -> VariationalDequantization:
+    # a noise flow that mixes the dimensions of eps (coupling) and depends on x (the context = encoder(x))
+    cond = 4 if encoder is not None else 5
+    noise_flow = Sequential(
+        ConditionalAffine(5, cond, hidden=(8,)),
+        AffineCoupling(half_mask(5), MLP(3, 4, (8,), context_features=cond)),
+        Reverse(5),
+        AffineCoupling(half_mask(5), MLP(3, 4, (8,), context_features=cond)),
+    )
+    return VariationalDequantization(noise_flow, levels=16, encoder=encoder)
+
+
+_DEQUANTIZATION = dict(inputs="integer", jacobian=False, inverse_jacobian=False, dequantization=True)
+
+
 def _glow_multiscale(context: int = 0) -> Sequential:
     # (2, 8, 8) -> squeeze (8, 4, 4) -> step -> split: (4, 4, 4) goes on, squeezed again, (4, 4, 4) leaves
     inner = Sequential(Squeeze(), GlowStep(16, hidden=8, context_channels=context, seed=1), Inverse(Squeeze()))
@@ -78,6 +97,7 @@ CASES: list[Case] = [
     Case("conditional_affine", lambda: ConditionalAffine(4, 6, hidden=(16,)), (4,), context=(6,)),
     Case("logit", lambda: Logit(0.05), (5,), inputs="unit"),
     Case("random_permutation", lambda: RandomPermutation(5, seed=3), (5,)),
+    Case("permutation_channels", lambda: Permutation(torch.tensor([2, 0, 3, 1]), dim=1), (4, 2, 3)),
     Case("reverse_channels", lambda: Reverse(3), (3, 4, 4)),
     Case("actnorm_vector", lambda: ActNorm(5), (5,)),
     Case("actnorm_image", lambda: ActNorm(3), (3, 4, 4)),
@@ -134,7 +154,14 @@ CASES: list[Case] = [
     Case("cnf_exact", lambda: _cnf(), (3,), tol=1e-6),
     Case("cnf_exact_conditional", lambda: _cnf(context=2), (3,), context=(2,), tol=1e-6),
     Case("cnf_points", lambda: _cnf(context=2), (4, 3), context=(2,), tol=1e-6),
-    Case("uniform_dequantization", lambda: UniformDequantization(16), (5,), inputs="integer", inverse_jacobian=False),
+    Case("uniform_dequantization", lambda: UniformDequantization(16), (5,), **_DEQUANTIZATION),
+    Case("variational_dequantization", lambda: _variational_dequantization(), (5,), **_DEQUANTIZATION),
+    Case(
+        "variational_dequantization_encoder",
+        lambda: _variational_dequantization(encoder=MLP(5, 4, (8,))),
+        (5,),
+        **_DEQUANTIZATION,
+    ),
 ]
 
 
