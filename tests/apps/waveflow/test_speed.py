@@ -74,3 +74,15 @@ def test_benchmark_script_quick(tmp_path):
     synth = [r for r in rows if r["what"] == "synthesis"]
     assert [r["batch"] for r in synth] == [1, 2] and all(r["x_realtime"] > 0 for r in synth)
     assert any(r["what"].startswith("train step") and r["time_s"] > 0 for r in rows)
+
+
+def test_bf16_synthesis_tracks_fp32():
+    """The half-precision path (what a GPU runs in bf16/fp16) on the CPU: same code, audio close to fp32's."""
+    model = _tiny()
+    mel, noise = torch.randn(1, 10, 4), torch.randn(1, 64)
+    with torch.inference_mode():
+        ref = model.synthesize(mel, noise=noise)
+    half = prepare_for_inference(_tiny(), torch.device("cpu"), torch.bfloat16)
+    out = GraphSynthesizer(half, batch=1, frames=4, capture=False)(mel, noise)
+    assert out.dtype == torch.bfloat16 and ref.abs().max() > 0.1
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()

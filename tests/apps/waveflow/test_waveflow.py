@@ -113,7 +113,7 @@ def test_evaluate_reports_likelihood_mel_l1_mcd_and_speed(trained, tmp_path):
 
 
 def test_evaluate_refuses_a_mel_hop_the_model_was_not_trained_for(trained, tmp_path):
-    proc = run_cli("waveflow", "evaluate", f"ckpt={trained}", "data.hop_length=128", f"hydra.run.dir={tmp_path}")
+    proc = run_cli("waveflow", "evaluate", f"ckpt={trained}", "+data.hop_length=128", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     assert "upsamples the mel by 256" in proc.stderr and "hop length is 128" in proc.stderr
 
