@@ -98,6 +98,8 @@ class FlowModule(pl.LightningModule):
         self._step_pending = False  # an optimizer step ran whose weights are not yet checked nor averaged
         self.run_config: dict | None = None  # the resolved config, stored in every checkpoint
         self._eval_seen = 0  # evaluation samples this rank has seen in the current epoch (DDP padding)
+        self._eval_sums: dict[str, Tensor] = {}  # per-term sums over this rank's real evaluation samples
+        self._eval_count = 0
 
     # ---- what apps override -------------------------------------------------------------------------------
     def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -165,21 +167,38 @@ class FlowModule(pl.LightningModule):
         self._evaluation_step(batch, "test")
 
     def _evaluation_step(self, batch: Any, stage: str) -> None:
-        """Log the loss terms as exact means over the evaluation set: every sample counted once, also under DDP
-        (where Lightning's sampler pads each rank with repeated samples) and whatever the batch sizes."""
+        """Accumulate the loss terms as exact sums over the evaluation set: every sample counted once, also under
+        DDP (where Lightning's sampler pads each rank with repeated samples), in float64, whatever the batch sizes;
+        :meth:`_log_evaluation` reduces them over the ranks at the end of the epoch."""
         full = self._batch_size(batch)
         n_real = self._real_samples(full)
         if 0 < n_real < full:
             batch = self.slice_batch(batch, n_real)
         terms = self.loss_terms(batch, self.eval_model)
         x, _ = self.unpack_batch(batch)
-        keys = terms if stage == "val" else {"nll": terms["nll"]}
-        for k, v in keys.items():
-            self.log(f"{stage}/{k}", v, sync_dist=True, batch_size=n_real, prog_bar=(stage == "val" and k == "nll"))
-        bpd = nats_to_bits_per_dim(terms["nll"], self.num_dims(x))
-        self.log(f"{stage}/bpd", bpd, sync_dist=True, batch_size=n_real)
-        for k, v in self.extra_metrics(batch, terms).items():
-            self.log(f"{stage}/{k}", v, sync_dist=True, batch_size=n_real)
+        values = dict(terms) if stage == "val" else {"nll": terms["nll"]}
+        values["bpd"] = nats_to_bits_per_dim(terms["nll"], self.num_dims(x))
+        values.update(self.extra_metrics(batch, terms))
+        for k, v in values.items():
+            v = torch.as_tensor(v).detach().to(self.device, torch.float64).mean()
+            total = v * n_real if n_real else torch.zeros((), dtype=torch.float64, device=self.device)
+            self._eval_sums[k] = self._eval_sums.get(k, 0.0) + total
+        self._eval_count += n_real
+
+    def _log_evaluation(self, stage: str) -> None:
+        """Log ``stage/<term>`` = (sum over every rank's samples) / (their number): one all-reduce in float64.
+        (Lightning's ``sync_dist`` mean divides an integer sample count by the world size and truncates it.)"""
+        keys = sorted(self._eval_sums)
+        if not keys:
+            return
+        count = torch.tensor([float(self._eval_count)], dtype=torch.float64, device=self.device)
+        totals = torch.cat([torch.stack([torch.as_tensor(self._eval_sums[k]) for k in keys]), count])
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        for k, total in zip(keys, totals[:-1]):
+            mean = (total / totals[-1]).float()
+            self.log(f"{stage}/{k}", mean, prog_bar=(stage == "val" and k == "nll"), rank_zero_only=False)
+        self._eval_sums, self._eval_count = {}, 0
 
     def slice_batch(self, batch: Any, n: int) -> Any:
         """The first ``n`` samples of ``batch`` (tensors, and tuples / lists / dicts of batch-first tensors); apps with
@@ -220,10 +239,13 @@ class FlowModule(pl.LightningModule):
         return sum(1 for j in range(seen, seen + batch_size) if j * world + rank < n)
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_seen = 0
+        self._eval_seen, self._eval_sums, self._eval_count = 0, {}, 0
 
     def on_test_epoch_start(self) -> None:
-        self._eval_seen = 0
+        self._eval_seen, self._eval_sums, self._eval_count = 0, {}, 0
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
 
     # ---- once per optimizer step: gradient check before it, weight check and EMA update after it --------------
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -248,6 +270,7 @@ class FlowModule(pl.LightningModule):
             self.ema.update_parameters(self.model)
 
     def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
         n = self.sample_every_n_epochs
         if n and (self.current_epoch + 1) % n == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             with torch.no_grad():

@@ -20,7 +20,7 @@ from core.flows import (
     checkerboard_mask,
 )
 from core.flows.elementwise import ElementwiseAffine
-from core.metrics import bits_per_dim_to_nats, discrete_bits_per_dim, nats_to_bits_per_dim
+from core.metrics import bits_per_dim_to_nats, nats_to_bits_per_dim
 from core.nn import ConvNet
 from core.presets import maf
 
@@ -116,8 +116,6 @@ def test_checkerboard_mask_alternates():
 def test_bits_per_dim_conversions():
     assert nats_to_bits_per_dim(math.log(2) * 10, 10) == pytest.approx(1.0)
     assert bits_per_dim_to_nats(nats_to_bits_per_dim(3.7, 5), 5) == pytest.approx(3.7)
-    # a uniform density on [0,1)^D for 8-bit data divided by 256 costs exactly 8 bits per dimension
-    assert discrete_bits_per_dim(0.0, 12, 256) == pytest.approx(8.0)
 
 
 def test_uniform_dequantization_bound_on_uniform_model_is_exact():
