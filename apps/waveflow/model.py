@@ -265,9 +265,10 @@ class RowStepper:
     - the convolution biases join the mel projection's bias (one add per layer less);
     - each layer keeps its last ``(k-1) d + 1`` input rows in a ring written twice (positions ``j`` and ``j + P``),
       so the rows a kernel sees are one contiguous slice: for height dilation 1 the window is a free view, and the
-      3x3 convolution is a 1-D convolution over ``k C`` stacked channels; rows live as (B, rows, C, W) so that a
-      residual add writes straight into the next layer's ring;
-    - the gate runs in place.
+      3x3 convolution is a 1-D convolution over ``k C`` stacked channels, computed as ``k`` accumulating GEMMs on
+      shifted views (:func:`_conv_width`); rows live as (B, rows, C, W) so that a residual add writes straight
+      into the next layer's ring;
+    - the 1x1 projections are GEMMs with their bias; the gate runs in place.
     Weights are read from the module at construction (never cached across calls, so it is never stale).
     """
 
