@@ -118,6 +118,18 @@ def test_conv3d_prior_has_the_reference_structure():
     assert mean.shape == raw.shape == (2, 12, 16, 16)
 
 
+def test_conv3d_prior_starts_at_the_latent_skip():
+    """Zero-initialised output layers: frames t >= K start at mean z_{t-1} (the latent skip), scale 1; the first K
+    frames at the unconditional prior N(0, 1); without latent_skip every mean starts at 0."""
+    z, ctx = torch.randn(2, 5, 3, 4, 4, dtype=torch.float64), torch.randn(2, 5, 3, 4, 4, dtype=torch.float64)
+    prior = TemporalGaussian(3, context_channels=3, num_cond=2, hidden=4, blocks=2, size=4).double()
+    mean, log_sigma = prior.params(z, ctx)
+    torch.testing.assert_close(mean[:, 2:], z[:, 1:-1])
+    assert mean[:, :2].abs().max() == 0 and log_sigma.abs().max() == 0
+    prior = TemporalGaussian(3, context_channels=3, num_cond=2, hidden=4, blocks=2, latent_skip=False).double()
+    assert prior.params(z, ctx)[0].abs().max() == 0
+
+
 def test_time_padding_indicator_on_known_values():
     x = torch.full((1, 1, 2, 2, 2), 7.0)  # (N, C, T, H, W)
     y = _pad_with_indicator(x, 1, 1)

@@ -99,7 +99,9 @@ def test_evaluate_writes_bits_per_pixel_and_best_of_n(trained, tmp_path, capsys)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["n_videos"] == 4 and m["target_frames"] == 2 and m["bits"] == 8 and m["split"] == "test"
     assert m["num_samples"] == 3 and m["temperature"] == 1.0  # the paper's evaluation temperature
-    assert 0 < m["test_bpd"] < 8 and 0 < m["best_psnr"] < 100  # 8: a uniform 8-bit model (measured 6.8) and -1 <= m["best_ssim"] <= 1
+    assert (
+        0 < m["test_bpd"] < 8 and 0 < m["best_psnr"] < 100
+    )  # 8: a uniform 8-bit model (measured 6.8) and -1 <= m["best_ssim"] <= 1
     assert len(m["best_psnr_per_step"]) == 2
     assert "test_bpd" in capsys.readouterr().out
     # without num_samples=, the training run's evaluation.num_samples (2 here; 100 in experiment=paper)
