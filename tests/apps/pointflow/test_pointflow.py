@@ -299,3 +299,11 @@ def test_short_training_improves_1nna_on_modelnet_chairs(tmp_path):
     trained = one_nna(result.module.eval_model)
     print(f"1-NNA-CD on 40 held-out chairs: untrained {untrained:.3f}, trained {trained:.3f}")
     assert trained < untrained - 0.05, f"1-NNA-CD {untrained:.3f} untrained -> {trained:.3f} trained"
+
+
+def test_emd_auto_is_approxmatch_on_every_device():
+    from apps.pointflow.commands import _emd_method
+
+    assert _emd_method("auto") == "approxmatch" and _emd_method("none") == "none" and _emd_method("exact") == "exact"
+    with pytest.raises(ValueError, match="approxmatch"):
+        _emd_method("fast")
