@@ -87,6 +87,7 @@ def evaluate(cfg: DictConfig) -> dict:
     model = module.eval_model.eval()
     num_samples = 0
     if cfg.psnr_ssim:
+        # runs from before evaluation.num_samples existed: 10, what train.yaml sets
         num_samples = cfg.num_samples or OmegaConf.select(run_cfg, "evaluation.num_samples", default=None) or 10
     dm.setup("test")
     ds = dm.test_set
