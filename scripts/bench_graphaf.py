@@ -110,6 +110,20 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     batches = [1, 8] if args.quick else args.sample_batches
     rows: list[dict] = []
+    head = ("device", "data", "what", "molecules/s", "atoms/mol")
+    widths = (6, 5, 26, 12, 9)
+    print(f"GraphAF benchmark ({'toy' if args.quick else 'paper'} model), torch threads: {torch.get_num_threads()}")
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)), flush=True)
+
+    def add(device: str, data: str, what: str, rate: float, atoms: float | None, n_rounds: int) -> None:
+        rows.append(
+            dict(device=device, data=data, what=what, molecules_per_s=rate, atoms_per_mol=atoms, rounds=n_rounds)
+        )
+        cells = (device, data, what, f"{rate:.1f}", "" if atoms is None else f"{atoms:.1f}")
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)), flush=True)  # row by row: long runs keep partials
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
     for device in devices:
         for data in args.data:
             ds = dataset(data, args.quick)
@@ -117,35 +131,18 @@ def main() -> None:
             torch.manual_seed(0)
             model = GraphAF(d.atoms, d.max_atoms, **size).to(device)
             batch = 4 if args.quick else 32
-            rates = bench_train(model, ds, batch, rounds)
-            for scheme, rate in rates.items():
-                rows.append(dict(device=device, data=data, what=f"train {scheme} b={batch}", molecules_per_s=rate,
-                                 atoms_per_mol=None, rounds=rounds))  # fmt: skip
+            for scheme, rate in bench_train(model, ds, batch, rounds).items():
+                add(device, data, f"train {scheme} b={batch}", rate, None, rounds)
             for sb in batches:
-                total = max(sb, 16 if sb == 1 else 2 * sb)
-                rate, apm = bench_sample(model, sb, total)
-                rows.append(dict(device=device, data=data, what=f"sample b={sb} (untrained)", molecules_per_s=rate,
-                                 atoms_per_mol=apm, rounds=1))  # fmt: skip
+                rate, apm = bench_sample(model, sb, max(sb, 16 if sb == 1 else 2 * sb))
+                add(device, data, f"sample b={sb} (untrained)", rate, apm, 1)
         if args.ckpt:
             from core.training import restore
 
-            model = restore(args.ckpt, app="apps.graphaf", map_location=device).module.eval_model
+            model = restore(args.ckpt, app="graphaf", map_location=device).module.eval_model
             for sb in batches:
                 rate, apm = bench_sample(model, sb, max(sb, 16 if sb == 1 else 2 * sb))
-                rows.append(dict(device=device, data="ckpt", what=f"sample b={sb} (trained)", molecules_per_s=rate,
-                                 atoms_per_mol=apm, rounds=1))  # fmt: skip
-    head = ("device", "data", "what", "molecules/s", "atoms/mol")
-    table = [
-        (r["device"], r["data"], r["what"], f"{r['molecules_per_s']:.1f}",
-         "" if r["atoms_per_mol"] is None else f"{r['atoms_per_mol']:.1f}")
-        for r in rows
-    ]  # fmt: skip
-    widths = [max(len(str(c[i])) for c in [head, *table]) for i in range(len(head))]
-    print(f"GraphAF benchmark ({'toy' if args.quick else 'paper'} model), torch threads: {torch.get_num_threads()}")
-    for r in [head, *table]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+                add(device, "ckpt", f"sample b={sb} (trained)", rate, apm, 1)
 
 
 if __name__ == "__main__":

@@ -83,29 +83,18 @@ class RGCN(nn.Module):
         return (adj.unsqueeze(1) == rel.view(1, -1, 1, 1)).to(dtype)
 
     def forward(self, types: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
-        # types (G, L) long, -1 = not in the graph; adj (G, L, L) with values 0..R-1 bonds, R = no bond
+        """Dense padded layout: ``types`` (G, L) long, -1 = not in the graph; ``adj`` (G, L, L) with values 0..R-1
+        bonds, R = no bond. Returns node embeddings (G, L, d), zero for absent atoms, and their sums (G, d)."""
+        g, n = types.shape
         present = types >= 0
-        h = self.embed(torch.where(present, types, self.num_types))  # absent atoms: the zero padding row
-        a = self.relation_adjacency(adj, h.dtype)  # (G, R, L, L)
-        scale = None
-        if self.normalize:  # D^-1/2 (A + I) D^-1/2 with D the degree of A + I, per relation
-            scale = (a.sum(-1, keepdim=True) + 1.0).rsqrt() * present.unsqueeze(1).unsqueeze(-1)  # (G, R, L, 1)
-        last = len(self.weights) - 1
-        for k, w in enumerate(self.weights):
-            hw = torch.einsum("gld,rde->grle", h, w)  # (G, R, L, d)
-            if scale is not None:
-                hw = hw * scale
-            out = torch.matmul(a, hw) + hw  # (A_r + I) H W_r; absent atoms have no edges and zero features
-            if scale is not None:
-                out = out * scale
-            if k < last:
-                out = F.relu(out)
-            h = out.sum(1)
+        gi, u, v = torch.triu(adj < self.num_relations, diagonal=1).nonzero(as_tuple=True)
+        h = self._propagate(torch.where(present, types, self.num_types).reshape(-1), gi * n + u, gi * n + v,
+                            adj[gi, u, v])  # fmt: skip
+        h = h.view(g, n, -1)  # absent atoms: the zero padding embedding, no bonds, so zero throughout
         if self.norm is not None:
             flat = h[present]
             h = torch.zeros_like(h).masked_scatter(present.unsqueeze(-1), self.norm(flat)) if len(flat) else h
         return h, h.sum(1)
-
 
     def forward_sparse(
         self, types: Tensor, src: Tensor, dst: Tensor, rel: Tensor, graph: Tensor, num_graphs: int
@@ -113,30 +102,40 @@ class RGCN(nn.Module):
         """The same R-GCN on a batch of graphs as one sparse graph: ``types`` (N,) of the atoms present, bonds
         ``src``/``dst``/``rel`` (E,) (each bond once, either direction), ``graph`` (N,) the graph of each atom.
         Returns node embeddings (N, d) and graph sums (num_graphs, d), equal to :meth:`forward` on the dense layout."""
+        h = self._propagate(types, src, dst, rel)
+        if self.norm is not None and len(h):
+            h = self.norm(h)
+        return h, h.new_zeros(num_graphs, h.shape[-1]).index_add(0, graph, h)
+
+    def _propagate(self, types: Tensor, src: Tensor, dst: Tensor, rel: Tensor) -> Tensor:
+        """Eq. 6 by message passing: per layer and relation ``(A_r + I) H W_r`` as index_add over the bonds (both
+        directions) plus the self-loop, ReLU per relation, summed. Embedding row ``num_types`` is the zero padding."""
         n, r = len(types), self.num_relations
-        h = self.embed(types)
         a_idx, b_idx = src * r + rel, dst * r + rel  # rows of the (N * R, d) per-relation messages
         scale = None
-        if self.normalize:
-            deg = torch.ones(n * r, device=types.device, dtype=h.dtype)
-            ones = torch.ones_like(a_idx, dtype=h.dtype)
+        if self.normalize:  # D^-1/2 (A + I) D^-1/2 with D the degree of A + I, per relation
+            deg = torch.ones(n * r, device=types.device, dtype=self.embed.weight.dtype)
+            ones = torch.ones_like(a_idx, dtype=deg.dtype)
             deg = deg.index_add(0, a_idx, ones).index_add(0, b_idx, ones)
             scale = deg.rsqrt().view(n, r, 1)
+        both_src, both_dst = torch.cat([a_idx, b_idx]), torch.cat([b_idx, a_idx])
         last = len(self.weights) - 1
+        h = None
         for k, w in enumerate(self.weights):
-            hw = torch.einsum("nd,rde->nre", h, w)  # (N, R, d)
+            if k == 0:  # embedding then first layer, for every type at once: a table lookup per atom
+                hw = torch.einsum("td,rde->tre", self.embed.weight, w)[types]  # (N, R, d)
+            else:
+                hw = torch.einsum("nd,rde->nre", h, w)  # (N, R, d)
             if scale is not None:
                 hw = hw * scale
             flat = hw.reshape(n * r, -1)
-            out = flat.index_add(0, b_idx, flat[a_idx]).index_add(0, a_idx, flat[b_idx]).view(n, r, -1)
+            out = flat.index_add(0, both_dst, flat[both_src]).view(n, r, -1)
             if scale is not None:
                 out = out * scale
             if k < last:
                 out = F.relu(out)
             h = out.sum(1)
-        if self.norm is not None and n:
-            h = self.norm(h)
-        return h, h.new_zeros(num_graphs, h.shape[-1]).index_add(0, graph, h)
+        return h
 
 
 @dataclass
