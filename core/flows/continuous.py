@@ -44,14 +44,17 @@ def _grad(out: Tensor, x: Tensor, weight: Tensor | None, create_graph: bool) -> 
     return torch.zeros_like(x) if g is None else g
 
 
-def divergence_exact(dx: Tensor, x: Tensor, create_graph: bool, pointwise: bool = False) -> Tensor:
-    """tr(d dx / d x) per sample, one backward pass per feature (per last-dim feature if ``pointwise``)."""
+def divergence_exact(
+    dx: Tensor, x: Tensor, create_graph: bool, pointwise: bool = False, per_point: bool = False
+) -> Tensor:
+    """tr(d dx / d x) per sample, one backward pass per feature (per last-dim feature if ``pointwise``); with
+    ``per_point`` (pointwise only) the trace of each point's block, shape ``x.shape[:-1]``."""
     if pointwise:
         div = x.new_zeros(x.shape[:-1])
         for i in range(x.shape[-1]):
             g = _grad(dx[..., i].sum(), x, None, create_graph)
             div = div + g[..., i]
-        return sum_except_batch(div) if div.dim() > 1 else div
+        return div if per_point or div.dim() == 1 else sum_except_batch(div)
     flat = dx.reshape(dx.shape[0], -1)
     div = x.new_zeros(x.shape[0])
     for i in range(flat.shape[1]):
@@ -60,10 +63,13 @@ def divergence_exact(dx: Tensor, x: Tensor, create_graph: bool, pointwise: bool 
     return div
 
 
-def divergence_hutchinson(dx: Tensor, x: Tensor, noise: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-    """Unbiased estimate ``e^T (d dx/d x) e`` per sample; also returns the vector-Jacobian product ``e^T J``."""
+def divergence_hutchinson(
+    dx: Tensor, x: Tensor, noise: Tensor, create_graph: bool, per_point: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Unbiased estimate ``e^T (d dx/d x) e`` per sample (per point, summing the last dimension only, with
+    ``per_point``); also returns the vector-Jacobian product ``e^T J``."""
     e_jac = _grad(dx, x, noise, create_graph)
-    return sum_except_batch(e_jac * noise), e_jac
+    return ((e_jac * noise).sum(-1) if per_point else sum_except_batch(e_jac * noise)), e_jac
 
 
 class _ODEFunc(nn.Module):
@@ -94,11 +100,12 @@ class _ODEFunc(nn.Module):
                 x = x.detach().requires_grad_(True)
             dx = self.dynamics(t, x, context)
             e_jac = None
+            pointwise = getattr(self.dynamics, "pointwise", False)
+            per_point = pointwise and state[1].dim() > 1  # the log-det state holds one entry per point
             if self.trace == "hutchinson":
-                div, e_jac = divergence_hutchinson(dx, x, noise, create_graph or regularize)
+                div, e_jac = divergence_hutchinson(dx, x, noise, create_graph or regularize, per_point)
             else:
-                pointwise = getattr(self.dynamics, "pointwise", False)
-                div = divergence_exact(dx, x, create_graph, pointwise)
+                div = divergence_exact(dx, x, create_graph, pointwise, per_point)
             out = [dx, div]
             if regularize:
                 if e_jac is None:
@@ -184,8 +191,11 @@ class CNF(Flow):
         needs_noise = self.func.trace == "hutchinson" or regularize
         noise = hutchinson_noise(x, self.noise_kind) if needs_noise else x.new_zeros(0)
         zero = x.new_zeros(x.shape[0])
+        # a pointwise dynamics integrates one log-det per point (as PointFlow's reference): the solver's error
+        # control then weighs each point's log-det like one coordinate, instead of tightening with the point count
+        logdet0 = x.new_zeros(x.shape[:-1]) if getattr(self.func.dynamics, "pointwise", False) else zero
         ctx = context if context is not None else x.new_zeros(0)
-        state = (x, zero, zero, zero, noise, ctx) if regularize else (x, zero, noise, ctx)
+        state = (x, logdet0, zero, zero, noise, ctx) if regularize else (x, logdet0, noise, ctx)
         t_end = self.end_time.to(x)
         times = torch.stack([t_end, t_end.new_zeros(())]) if reverse else torch.stack([t_end.new_zeros(()), t_end])
         kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
@@ -203,7 +213,8 @@ class CNF(Flow):
             self.regularization = {"kinetic_energy": final[2], "jacobian_norm": final[3]} if regularize else {}
             if regularize:
                 self._record(self.regularization)
-        return final[0], final[1]
+        logdet = final[1] if final[1].dim() == 1 else sum_except_batch(final[1])
+        return final[0], logdet
 
     def _record(self, integrals: dict[str, Tensor]) -> None:
         if len(self._pending) >= _MAX_PENDING:
