@@ -1,4 +1,4 @@
-"""GraphAF's protocol as the reference (DIG): loss per latent dimension, paper settings, novelty against the data set."""
+"""GraphAF protocol as the reference (DIG): loss per latent dimension, paper settings, novelty against the data set."""
 
 from __future__ import annotations
 
