@@ -26,6 +26,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor
 
+from core.paths import resolve_path
+
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
@@ -130,8 +132,9 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its newest checkpoint by global step; the choice is logged)."""
-    p = Path(path).expanduser()
+    """A checkpoint file, or a run directory (its newest checkpoint by global step; the choice is logged). A relative
+    path that does not exist from the working directory is looked up in the repository (shipped models)."""
+    p = resolve_path(path)
     if p.is_dir():
         newest = find_latest_checkpoint(p)
         log.info("run directory %s: using its newest checkpoint %s (step %d)", p, newest, checkpoint_step(newest))
