@@ -121,7 +121,7 @@ def test_training_lowers_the_negative_elbo(tree, tmp_path):
     cfg = small_config(
         "pointflow", tmp_path, *TINY_MODEL, *data_overrides(tree), "trainer.max_epochs=15",
         "module.sample_every_n_epochs=0", "module.scheduler=null", "callbacks.checkpoint=null",
-        "callbacks.step_checkpoint=null",
+        "callbacks.step_checkpoint=null", "model.atol=1e-4", "model.rtol=1e-4",
     )  # fmt: skip
     from hydra.utils import instantiate
 
@@ -139,7 +139,8 @@ def test_training_lowers_the_negative_elbo(tree, tmp_path):
     torch.manual_seed(0)
     with torch.no_grad():
         after = sum(result.module.loss_terms(batch, result.module.eval_model.eval()).values()).item()
-    # 30 steps of a tiny model: measured 559 -> 547 nats per shape (same seeds for both evaluations)
+    # 30 steps of a tiny model: measured 559 -> 550 nats per shape (same seeds for both evaluations). Tolerances
+    # 1e-4: with the per-point log-det error control, 1e-3 leaves the tiny model's ELBO too noisy (559 -> 555)
     assert after < before - 0.01 * abs(before), f"negative ELBO per shape {before:.1f} -> {after:.1f} nats"
 
 
