@@ -80,8 +80,11 @@ def _bench_rows(folder: Path) -> list[dict[str, Any]]:
     return data if isinstance(data, list) else data.get("rows", [])
 
 
-def _row_sum(match: dict[str, Any], key: str, unit: str) -> Callable[[Path], tuple[float | None, str]]:
-    """The sum of ``key`` over the benchmark rows whose fields contain ``match`` (None if there are none)."""
+def _rows(
+    match: dict[str, Any], key: str, unit: str, reduce: Callable[[list[float]], float] = lambda v: v[0]
+) -> Callable[[Path], tuple[float | None, str]]:
+    """A figure reader: ``reduce`` (default: the first) of ``key`` over the benchmark rows whose fields contain
+    ``match`` (case-insensitive substrings); None when no row matches."""
 
     def read(folder: Path) -> tuple[float | None, str]:
         values = [
@@ -89,37 +92,9 @@ def _row_sum(match: dict[str, Any], key: str, unit: str) -> Callable[[Path], tup
             for row in _bench_rows(folder)
             if all(str(v).lower() in str(row.get(k, "")).lower() for k, v in match.items())
             and isinstance(row.get(key), (int, float))
+            and math.isfinite(row[key])
         ]
-        return (sum(values) if values else None), unit
-
-    return read
-
-
-def _best_row(match: dict[str, Any], key: str, unit: str) -> Callable[[Path], tuple[float | None, str]]:
-    """The largest ``key`` over the benchmark rows whose fields contain ``match``."""
-
-    def read(folder: Path) -> tuple[float | None, str]:
-        values = [
-            float(row[key])
-            for row in _bench_rows(folder)
-            if all(str(v).lower() in str(row.get(k, "")).lower() for k, v in match.items())
-            and isinstance(row.get(key), (int, float))
-        ]
-        return (max(values) if values else None), unit
-
-    return read
-
-
-def _row_value(match: dict[str, Any], key: str, unit: str) -> Callable[[Path], tuple[float | None, str]]:
-    """The ``key`` of the first benchmark row whose fields contain ``match`` (case-insensitive substrings)."""
-
-    def read(folder: Path) -> tuple[float | None, str]:
-        for row in _bench_rows(folder):
-            if all(str(v).lower() in str(row.get(k, "")).lower() for k, v in match.items()):
-                value = row.get(key)
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    return float(value), unit
-        return None, unit
+        return (reduce(values) if values else None), unit
 
     return read
 
@@ -228,9 +203,9 @@ def _bench_checks(device: str, quick: bool) -> list[Check]:
             "waveflow/bench-synthesis",
             ["scripts.bench_waveflow", *d, *q, *(["--channels", "64", "--batches", "1", "8"] if on_gpu else [])],
             150,
-            _best_row({"what": "synthesis", "channels": "64", "batch": "1"}, "x_realtime", "x real time (best)")
+            _rows({"what": "synthesis", "channels": "64", "batch": "1"}, "x_realtime", "x real time (best)", max)
             if on_gpu
-            else _row_value({"batch": "1"}, "x_realtime", "x real time"),
+            else _rows({"batch": "1"}, "x_realtime", "x real time"),
             goal=">= 300x real time, 64 channels, batch 1 (best of fp32 / bf16 / fp16 / CUDA graphs)" if on_gpu else "",
             goal_met=(lambda v: v >= 300) if on_gpu else None,
         ),
@@ -244,7 +219,7 @@ def _bench_checks(device: str, quick: bool) -> list[Check]:
                 *([] if quick else ["--eval-shapes", "405", "--points", "2048"]),
             ],
             150,
-            _row_sum({"what": "1-NNA matrices"}, "s", "s (CD + EMD approxmatch)"),
+            _rows({"what": "1-NNA matrices"}, "s", "s (CD + EMD approxmatch)", sum),
             goal="1-NNA in CD and EMD (approxmatch), 405 x 405 clouds of 2,048 points, < 60 s" if on_gpu else "",
             goal_met=(lambda v: v < 60) if on_gpu else None,
         ),
@@ -257,15 +232,15 @@ def _bench_checks(device: str, quick: bool) -> list[Check]:
                 *(["--data", "zinc", "--ckpt", "data/pretrained/graphaf-qm9"] if on_gpu else []),
             ],
             120,
-            _row_value({"what": "train sparse", "data": "zinc"}, "molecules_per_s", "molecules/s (ZINC training)"),
+            _rows({"what": "train sparse", "data": "zinc"}, "molecules_per_s", "molecules/s (ZINC training)"),
         ),
         Check(
             "videoflow/bench-generation",
             ["scripts.bench_videoflow", *d, *q, *(["--models", "paper"] if on_gpu else [])],
             120,
-            _row_value({"model": "paper", "what": "generation b=1", "dtype": "bf16"}, "frames_per_s", "frames/s")
+            _rows({"model": "paper", "what": "generation b=1", "dtype": "bf16"}, "frames_per_s", "frames/s")
             if on_gpu
-            else _row_value({"what": "generation b=1"}, "frames_per_s", "frames/s"),
+            else _rows({"what": "generation b=1"}, "frames_per_s", "frames/s"),
             goal="paper model 64 x 64 (the paper: ~20 frames in < 3.5 s on a P100)" if on_gpu else "",
         ),
     ]
