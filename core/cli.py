@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from core.config_checks import ConfigValueError
 from core.rundir import RunDirError, claim_run_dir, is_worker_rank
@@ -104,11 +104,21 @@ def _is_group_choice(app: str, arg: str) -> bool:
     return "=" in arg and ((CONF_DIR / key).is_dir() or (CONF_DIR / app / key).is_dir())
 
 
+# config keys whose values name files or folders a command reads: never cleared by overwrite=true
+_INPUT_KEYS = ("ckpt", "ckpt_path", "input", "samples", "reference", "smiles", "data_path")
+
+
+def input_paths(cfg: DictConfig) -> list[str]:
+    """The paths a command reads, from the top-level keys in ``_INPUT_KEYS`` that are set."""
+    keys = [k for k in _INPUT_KEYS if k in cfg and not OmegaConf.is_missing(cfg, k)]
+    return [cfg[k] for k in keys if isinstance(cfg[k], str) and cfg[k]]
+
+
 def check_invocation(app: str, command: str, overrides: Sequence[str]) -> None:
     """Everything that can be refused before Hydra creates a run dir: wrong value types, impossible counts, and an
     explicit ``hydra.run.dir`` that holds another run's outputs (Hydra would overwrite its ``.hydra/`` config)."""
     from core.config_checks import check_config, check_override_types
-    from core.rundir import check_run_dir, is_worker_rank
+    from core.rundir import check_run_dir
 
     ours = [a for a in overrides if "=" in a and not a.lstrip("+~").startswith("hydra.")]
     groups = [a for a in ours if _is_group_choice(app, a)]
@@ -121,10 +131,9 @@ def check_invocation(app: str, command: str, overrides: Sequence[str]) -> None:
     for a in overrides:
         if a.startswith("hydra.run.dir="):
             run_dir = Path(a.split("=", 1)[1]).expanduser()
-            if check_run_dir(run_dir, app, command, bool(given.get("overwrite"))):
-                from core.rundir import claim_run_dir
-
-                claim_run_dir(run_dir, app, command, overwrite=True)  # clears the earlier run of this command
+            reads = input_paths(given)
+            if check_run_dir(run_dir, app, command, bool(given.get("overwrite")), reads):
+                claim_run_dir(run_dir, app, command, overwrite=True, reads=reads)  # clears the earlier run
 
 
 def _choices(folder: Path) -> list[str]:
@@ -189,7 +198,7 @@ def main(
     def task(cfg: DictConfig) -> Any:
         sys.argv = original_argv  # DDP worker ranks are launched from sys.argv: they must see the command
         if not is_worker_rank():
-            claim_run_dir(cfg.output_dir, app, command, overwrite=bool(cfg.get("overwrite")))
+            claim_run_dir(cfg.output_dir, app, command, bool(cfg.get("overwrite")), input_paths(cfg))
         result["value"] = commands[command](cfg)
         return result["value"]
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["MARKER", "RunDirError", "check_run_dir", "claim_run_dir", "is_worker_rank"]
@@ -42,9 +43,12 @@ def _foreign_entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name not in _HYDRA_FILES and p.suffix != ".log" and p.name != MARKER)
 
 
-def check_run_dir(folder: str | Path, app: str, command: str, overwrite: bool) -> bool:
+def check_run_dir(
+    folder: str | Path, app: str, command: str, overwrite: bool, reads: Iterable[str | Path] = ()
+) -> bool:
     """Raise :class:`RunDirError` if ``folder`` holds another run's outputs. Returns True when the folder holds an
-    earlier run of the same app and command that ``overwrite=true`` allows to clear."""
+    earlier run of the same app and command that ``overwrite=true`` allows to clear: never when the command reads
+    one of ``reads`` (its checkpoint, its inputs) from inside the folder, which clearing would delete."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
@@ -53,6 +57,12 @@ def check_run_dir(folder: str | Path, app: str, command: str, overwrite: bool) -
     if owner is None and not entries:
         return False
     if owner is not None and (owner.get("app"), owner.get("command")) == (app, command) and overwrite:
+        inside = [str(r) for r in reads if _is_within(Path(r), folder)]
+        if inside:
+            raise RunDirError(
+                f"overwrite=true would clear {folder}, but this command reads {', '.join(inside)} from it; "
+                "write to a new directory (leave hydra.run.dir / output_dir at their defaults)"
+            )
         return True
     who = f"apps.{owner.get('app')} {owner.get('command')}" if owner else "files of another run"
     hint = " (or pass overwrite=true to replace that earlier run)" if owner and owner.get("command") == command else ""
@@ -64,10 +74,19 @@ def check_run_dir(folder: str | Path, app: str, command: str, overwrite: bool) -
     )
 
 
-def claim_run_dir(folder: str | Path, app: str, command: str, overwrite: bool = False) -> None:
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        return path.expanduser().resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def claim_run_dir(
+    folder: str | Path, app: str, command: str, overwrite: bool = False, reads: Iterable[str | Path] = ()
+) -> None:
     """Check ``folder`` (see :func:`check_run_dir`), clear an earlier run of this command if allowed, and mark it."""
     folder = Path(folder)
-    if check_run_dir(folder, app, command, overwrite):
+    if check_run_dir(folder, app, command, overwrite, reads):
         for p in _foreign_entries(folder):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     folder.mkdir(parents=True, exist_ok=True)

@@ -141,6 +141,20 @@ def test_a_second_command_into_the_same_dir_is_refused_or_replaces_its_own_outpu
     assert not list(tmp_path.glob("*.ply")), "the earlier run's outputs were left beside the new ones"
 
 
+def test_overwrite_never_clears_the_checkpoint_a_command_reads(tmp_path):
+    """``train ckpt_path=<dir> hydra.run.dir=<dir> overwrite=true`` once deleted the checkpoint it resumed from."""
+    claim_run_dir(tmp_path, "density2d", "train")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    for reads in ([str(tmp_path)], [str(ckpt)]):
+        with pytest.raises(RunDirError, match="reads"):
+            claim_run_dir(tmp_path, "density2d", "train", overwrite=True, reads=reads)
+    assert ckpt.read_bytes() == b"weights"
+    claim_run_dir(tmp_path, "density2d", "train", overwrite=True, reads=[str(tmp_path.parent / "elsewhere.ckpt")])
+    assert not ckpt.exists()
+
+
 def test_sample_with_overwrite_leaves_no_stale_outputs(trained, tmp_path):
     out = tmp_path / "s"
     assert run_cli("density2d", "sample", f"ckpt={trained}", "n=300", f"hydra.run.dir={out}").returncode == 0
