@@ -30,6 +30,7 @@ _POSITIVE = {
     "metric_batch_size",
     "num_samples",
     "points",
+    "min_atoms",
     "trainer.devices",
     "trainer.num_nodes",
 }

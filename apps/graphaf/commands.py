@@ -54,19 +54,36 @@ def graph_smiles(g: MolGraph, vocab: AtomVocab) -> tuple[str, bool]:
         return "*", False
 
 
-def generate_smiles(model, n: int, batch_size: int, temperature: float, valency_check: bool, desc: str) -> tuple:
-    """(smiles, valid flags, seconds) for ``n`` molecules generated in batches."""
-    smiles, valid = [], []
+def generate_smiles(
+    model, n: int, batch_size: int, temperature: float, valency_check: bool, desc: str, min_atoms: int = 1
+) -> tuple:
+    """(smiles, valid flags, seconds, rejected) for ``n`` molecules generated in batches.
+
+    Molecules with fewer than ``min_atoms`` heavy atoms are discarded and drawn again, as DIG's ``run_rand_gen``
+    (``num_min_node``, 7 in its QM9 and ZINC250k configs); ``rejected`` counts them. ``min_atoms=1`` keeps every
+    molecule.
+    """
+    if not 1 <= min_atoms <= model.max_atoms:
+        raise ValueError(f"min_atoms={min_atoms}: expected 1 to the model's max_atoms ({model.max_atoms})")
+    smiles, valid, rejected = [], [], 0
     t0 = time.perf_counter()
     with torch.no_grad(), tqdm(total=n, desc=desc, unit="mol") as bar:
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
+        while len(smiles) < n:
+            b = min(batch_size, n - len(smiles))
             for g in model.generate(b, temperature=temperature, valency_check=valency_check):
+                if len(g.types) < min_atoms:
+                    rejected += 1
+                    continue
                 s, ok = graph_smiles(g, model.vocab)
                 smiles.append(s)
                 valid.append(ok)
-            bar.update(b)
-    return smiles, valid, time.perf_counter() - t0
+                bar.update(1)
+            if rejected > 100 * max(n, batch_size):
+                raise RuntimeError(
+                    f"min_atoms={min_atoms}: {rejected} molecules rejected for size against {len(smiles)} kept; "
+                    "the model rarely generates molecules that large (lower min_atoms)"
+                )
+    return smiles, valid, time.perf_counter() - t0, rejected
 
 
 def train(cfg: DictConfig) -> dict:
@@ -77,7 +94,9 @@ def train(cfg: DictConfig) -> dict:
     if result.trainer.is_global_zero and n:
         model = result.module.cpu().eval().eval_model.eval()
         torch.manual_seed(cfg.seed)
-        smiles, valid, _ = generate_smiles(model, n, 256, cfg.module.temperature, True, "sampling")
+        smiles, valid, _, _ = generate_smiles(
+            model, n, 256, cfg.module.temperature, True, "sampling", min(cfg.min_atoms, model.max_atoms)
+        )  # fmt: skip
         _write_smiles(result.output_dir / "samples.smi", smiles)
         draw_grid([s for s, v in zip(smiles, valid) if v][:32], result.output_dir / "samples.png")
         m = generation_metrics([s if v else None for s, v in zip(smiles, valid)], result.datamodule.reference_smiles)
@@ -105,8 +124,8 @@ def sample(cfg: DictConfig) -> Path:
     restored = _restore(cfg)
     model = restored.module.eval_model.eval()
     torch.manual_seed(cfg.seed)
-    smiles, valid, secs = generate_smiles(
-        model, cfg.n, cfg.batch_size, cfg.temperature, cfg.valency_check, "sampling"
+    smiles, valid, secs, rejected = generate_smiles(
+        model, cfg.n, cfg.batch_size, cfg.temperature, cfg.valency_check, "sampling", cfg.min_atoms
     )  # fmt: skip
     out = Path(cfg.output_dir)
     _write_smiles(out / "samples.smi", smiles)
@@ -114,6 +133,7 @@ def sample(cfg: DictConfig) -> Path:
     result = {
         "n": cfg.n, "validity": float(np.mean(valid)), "molecules_per_s": cfg.n / secs, "ckpt": str(restored.path),
         "temperature": cfg.temperature, "valency_check": bool(cfg.valency_check),
+        "min_atoms": cfg.min_atoms, "rejected_below_min_atoms": rejected,
     }  # fmt: skip
     write_json(out / "metrics.json", result)
     with command_loggers(cfg, restored.global_step) as target:
@@ -165,19 +185,24 @@ def evaluate(cfg: DictConfig) -> dict:
         reference = dm.reference_smiles
         result["novelty_reference"] = dm.reference_description
         torch.manual_seed(cfg.seed)
-        smiles, valid, secs = generate_smiles(
-            model, cfg.n, cfg.batch_size, cfg.temperature, True, "sampling (valency check)"
+        smiles, valid, secs, rejected = generate_smiles(
+            model, cfg.n, cfg.batch_size, cfg.temperature, True, "sampling (valency check)", cfg.min_atoms
         )  # fmt: skip
-        raw, raw_valid, _ = generate_smiles(
-            model, cfg.n, cfg.batch_size, cfg.temperature, False, "sampling (no check)"
+        raw, raw_valid, _, raw_rejected = generate_smiles(
+            model, cfg.n, cfg.batch_size, cfg.temperature, False, "sampling (no check)", cfg.min_atoms
         )  # fmt: skip
+        result["min_atoms"] = cfg.min_atoms
+        result["rejected_below_min_atoms"] = rejected
+        result["rejected_below_min_atoms_no_check"] = raw_rejected
         result["validity_without_check"] = float(np.mean(raw_valid))
         result["molecules_per_s"] = cfg.n / secs
         result.update(reconstruction_rate(model, dm, cfg.reconstruct_n))
         generated = [s if v else None for s, v in zip(smiles, valid)]
         result["source"] = str(restored.path)
         result["protocol"] = (
-            f"{cfg.n} samples at temperature {cfg.temperature} (seed {cfg.seed}) with and without the valency check; "
+            f"{cfg.n} samples at temperature {cfg.temperature} (seed {cfg.seed}) with and without the valency check, "
+            f"molecules under {cfg.min_atoms} heavy atoms discarded and drawn again (DIG's num_min_node; "
+            f"{rejected} discarded); "
             f"uniqueness and novelty over the valid ones of the checked samples; reconstruction of "
             f"{result['reconstruction_n']} validation molecules (fixed BFS order, dequantization noise 0.5)"
         )
@@ -217,7 +242,7 @@ def evaluate(cfg: DictConfig) -> dict:
 COMMANDS = {"train": train, "sample": sample, "evaluate": evaluate, "optimize": optimize}
 DESCRIPTIONS = {
     "train": "fit GraphAF on a SMILES file (data=qm9 | zinc250k | smiles data.path=... data.column=...)",
-    "sample": "ckpt=<file or run dir> n=10000 [temperature=0.75 valency_check=true]: samples.smi, samples.png",
+    "sample": "ckpt=<file or run dir> n=10000 [temperature=0.75 valency_check=true min_atoms=7]: samples.smi, samples.png",
     "evaluate": "ckpt=... n=10000, or smiles=<file> reference=<training file>: validity, uniqueness, novelty, "
     "reconstruction, QED / penalized logP / SA distributions",
     "optimize": "ckpt=... property=plogp|qed steps=60: RL (PPO) fine-tuning for a property; top-3 scores, "

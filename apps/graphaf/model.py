@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from apps.graphaf.chem import BOND_ORDER, NUM_BOND_TYPES, AtomVocab, MolGraph
 from core.distributions import FlowModel, StandardNormal
-from core.flows import ConditionalAffine, Sequential, UniformDequantization
+from core.flows import ConditionalAffine, Sequential, StackedConditionalAffine, UniformDequantization
 
 __all__ = ["RGCN", "GraphAF", "StepPlan", "Latents"]
 
@@ -84,16 +84,22 @@ class RGCN(nn.Module):
 
     def forward(self, types: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
         """Dense padded layout: ``types`` (G, L) long, -1 = not in the graph; ``adj`` (G, L, L) with values 0..R-1
-        bonds, R = no bond. Returns node embeddings (G, L, d), zero for absent atoms, and their sums (G, d)."""
+        bonds, R = no bond. Returns node embeddings (G, L, d), zero for absent atoms, and their sums (G, d).
+
+        In eval mode the batch-norm is a per-atom affine map, so each graph's embeddings depend on that graph alone
+        (sampling relies on it to recompute only the graphs that changed)."""
         g, n = types.shape
         present = types >= 0
+        t = torch.where(present, types, self.num_types)
         gi, u, v = torch.triu(adj < self.num_relations, diagonal=1).nonzero(as_tuple=True)
-        h = self._propagate(torch.where(present, types, self.num_types).reshape(-1), gi * n + u, gi * n + v,
-                            adj[gi, u, v])  # fmt: skip
-        h = h.view(g, n, -1)  # absent atoms: the zero padding embedding, no bonds, so zero throughout
+        h = self._propagate(t.reshape(-1), gi * n + u, gi * n + v, adj[gi, u, v]).view(g, n, -1)
+        # absent atoms: the zero padding embedding, no bonds, so zero throughout
         if self.norm is not None:
-            flat = h[present]
-            h = torch.zeros_like(h).masked_scatter(present.unsqueeze(-1), self.norm(flat)) if len(flat) else h
+            if not self.norm.training:  # running statistics: a per-atom affine map, padding kept at zero
+                h = self.norm(h.reshape(g * n, -1)).view(g, n, -1) * present.unsqueeze(-1)
+            else:  # batch statistics over the atoms present only
+                flat = h[present]
+                h = torch.zeros_like(h).masked_scatter(present.unsqueeze(-1), self.norm(flat)) if len(flat) else h
         return h, h.sum(1)
 
     def forward_sparse(
@@ -237,6 +243,8 @@ class GraphAF(nn.Module):
         self.register_buffer("max_valence", torch.tensor(self.vocab.max_valence, dtype=torch.long))
         self.register_buffer("bond_order", torch.tensor(list(BOND_ORDER) + [0], dtype=torch.long))
         self._plans: dict[tuple[int, str], StepPlan] = {}
+
+    incremental_sampling = True  # generate: recompute the R-GCN only for graphs that changed (eval mode); tests flip it
 
     @property
     def num_types(self) -> int:
@@ -425,9 +433,6 @@ class GraphAF(nn.Module):
         return Latents(node, edge)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
-    def _decode(self, flow: FlowModel, z: Tensor, ctx: Tensor) -> Tensor:
-        return flow.transform.inverse(z, ctx)[0].argmax(-1)
-
     @torch.no_grad()
     def generate(
         self,
@@ -462,30 +467,51 @@ class GraphAF(nn.Module):
         if record is not None:
             stop_type = torch.full((n,), -1, dtype=torch.long, device=dev)
             rejected = torch.zeros(n, m, w, NUM_BOND_TYPES, dtype=torch.long, device=dev)
+        # every flow layer's (shift, log_scale) for a step's context in one batched pass; resampling a refused bond
+        # then only redraws noise through the element-wise inverse
+        node_flow = StackedConditionalAffine(list(self.node_flow.transform.flows))
+        edge_flow = StackedConditionalAffine(list(self.edge_flow.transform.flows))
 
-        def noise(rows: Tensor, dim: int) -> Tensor:
-            return temperature * torch.randn(len(rows), dim, device=dev, dtype=dtype, generator=generator)
+        def noise(rows: int, dim: int) -> Tensor:
+            return temperature * torch.randn(rows, dim, device=dev, dtype=dtype, generator=generator)
+
+        # R-GCN embeddings of each growing molecule's current graph: h (A, m, d) (zero past its atoms) and their sum
+        # hg (A, d), recomputed only for the molecules whose graph changed (a bond was added): in eval mode a graph's
+        # embeddings depend on that graph alone. Most edge steps draw "no bond", so most rows are reused.
+        incremental = not self.rgcn.training and self.incremental_sampling
+        d = self.rgcn.hidden
+        h = torch.zeros(n, m, d, device=dev, dtype=dtype)
+        hg = torch.zeros(n, d, device=dev, dtype=dtype)
+        dirty = torch.ones(n, dtype=torch.bool, device=dev)
+
+        def embed(xa: Tensor, adja: Tensor, width: int) -> None:
+            rows = dirty.nonzero().squeeze(1) if incremental else torch.arange(len(xa), device=dev)
+            if len(rows):
+                h_new, hg_new = self.rgcn(xa[rows, :width], adja[rows, :width, :width])
+                h[rows, :width], hg[rows] = h_new, hg_new
+            dirty.zero_()
 
         for i in range(m):
+            # the molecules still growing, gathered once per atom (xa, adja, vala: (A, ...)), written back after
+            xa, adja, vala = x[active], adj[active], valence[active]
+            na = len(active)
+            if i > 0:
+                embed(xa, adja, i)  # the graph of atoms < i
+            z = latents.node[active, i] if latents is not None else noise(na, k)
+            xa[:, i] = node_flow.inverse(z, *node_flow.params(hg)).argmax(-1)
             if i == 0:
-                ctx = torch.zeros(len(active), self.rgcn.hidden, device=dev, dtype=dtype)
-            else:
-                _, ctx = self.rgcn(x[active, :i], adj[active, :i, :i])
-            z = latents.node[active, i] if latents is not None else noise(active, k)
-            x[active, i] = self._decode(self.node_flow, z, ctx)
-            if i == 0:
+                x[active] = xa
                 continue
-            bonded = torch.zeros(len(active), dtype=torch.bool, device=dev)
-            ti = x[active, i]
+            dirty.fill_(True)  # atom i joins every graph
+            bonded = torch.zeros(na, dtype=torch.bool, device=dev)
+            ti = xa[:, i]
             for j in range(max(0, i - w), i):
-                h, hg = self.rgcn(x[active, : i + 1], adj[active, : i + 1, : i + 1])
-                ctx = torch.cat([hg, h[:, i], h[:, j]], dim=-1)
-                z = latents.edge[active, i, i - j - 1] if latents is not None else noise(active, EDGE_CATEGORIES)
-                e = self._decode(self.edge_flow, z, ctx)
-                if valency_check:  # free valence left on both atoms (N,)
-                    cap = torch.minimum(
-                        self.max_valence[ti] - valence[active, i], self.max_valence[x[active, j]] - valence[active, j]
-                    )
+                embed(xa, adja, i + 1)
+                shift, log_scale = edge_flow.params(torch.cat([hg, h[:, i], h[:, j]], dim=-1))
+                z = latents.edge[active, i, i - j - 1] if latents is not None else noise(na, EDGE_CATEGORIES)
+                e = edge_flow.inverse(z, shift, log_scale).argmax(-1)
+                if valency_check:  # free valence left on both atoms (A,)
+                    cap = torch.minimum(self.max_valence[ti] - vala[:, i], self.max_valence[xa[:, j]] - vala[:, j])
                     ok = self.bond_order[e] <= cap
                     for attempt in range(max_resample + 1):
                         bad = (~ok).nonzero().squeeze(1)
@@ -494,21 +520,26 @@ class GraphAF(nn.Module):
                             rejected.index_put_((active[bad], ones * i, ones * (i - j - 1), e[bad]), ones, True)
                         if len(bad) == 0 or attempt == max_resample:
                             break
-                        e[bad] = self._decode(self.edge_flow, noise(bad, EDGE_CATEGORIES), ctx[bad])
+                        zb = noise(len(bad), EDGE_CATEGORIES)
+                        e[bad] = edge_flow.inverse(zb, shift[bad], log_scale[bad]).argmax(-1)
                         ok[bad] = self.bond_order[e[bad]] <= cap[bad]
                     e = torch.where(ok, e, NO_BOND)
-                adj[active, i, j] = e
-                adj[active, j, i] = e
+                adja[:, i, j] = e
+                adja[:, j, i] = e
                 o = self.bond_order[e]
-                valence[active, i] += o
-                valence[active, j] += o
-                bonded |= e != NO_BOND
+                vala[:, i] += o
+                vala[:, j] += o
+                bond = e != NO_BOND
+                bonded |= bond
+                dirty |= bond
+            x[active], adj[active], valence[active] = xa, adja, vala
             done = active[~bonded]
             if record is not None:
                 stop_type[done] = x[done, i]
             x[done, i] = -1
             num_atoms[done] = i
             active = active[bonded]
+            h, hg, dirty = h[bonded], hg[bonded], dirty[bonded]
             if len(active) == 0:
                 break
         if record is not None:

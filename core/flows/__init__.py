@@ -3,7 +3,7 @@
 from core.flows.affine import SCALE_BOUNDS, affine_forward, affine_inverse, bound_log_scale
 from core.flows.autoregressive import MADE, MaskedAffineAutoregressive
 from core.flows.base import Flow, Inverse, Sequential, sum_except_batch
-from core.flows.conditional import ConditionalAffine
+from core.flows.conditional import ConditionalAffine, StackedConditionalAffine
 from core.flows.continuous import CNF, regularization_loss
 from core.flows.coupling import (
     AdditiveCoupling,
@@ -28,6 +28,7 @@ __all__ = [
     "affine_inverse",
     "ElementwiseAffine",
     "ConditionalAffine",
+    "StackedConditionalAffine",
     "Logit",
     "Permutation",
     "RandomPermutation",

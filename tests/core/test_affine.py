@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.flows import AffineCoupling, ConditionalAffine, MaskedAffineAutoregressive, Split, half_mask
+from core.flows import (
+    AffineCoupling,
+    ConditionalAffine,
+    MaskedAffineAutoregressive,
+    Sequential,
+    Split,
+    StackedConditionalAffine,
+    half_mask,
+)
 from core.flows.affine import SCALE_BOUNDS, affine_forward, affine_inverse, bound_log_scale
 from core.nn import MLP
 
@@ -93,3 +101,25 @@ def test_layers_take_the_named_bound(scale: str):
         x_rec, ld_inv = layer.inverse(z, context)
         torch.testing.assert_close(x_rec, x, rtol=0, atol=1e-10)
         torch.testing.assert_close(ld_inv, -ld, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("hidden", [(16,), (16, 8)])
+@pytest.mark.parametrize("scale", ["tanh", "none"])
+def test_stacked_conditional_affine_is_the_sequential_inverse(hidden: tuple, scale: str):
+    """GraphAF's sampler evaluates all K conditioners in one batched pass: same parameters, same inverse."""
+    torch.manual_seed(0)
+    layers = [ConditionalAffine(4, 10, hidden, act="tanh", scale=scale) for _ in range(5)]
+    for layer in layers:  # away from the zero (identity) initialisation
+        for w in layer.parameters():
+            torch.nn.init.normal_(w, std=0.5)
+    c, z = torch.randn(7, 10, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    layers = [layer.double() for layer in layers]
+    stacked = StackedConditionalAffine(layers)
+    shift, log_scale = stacked.params(c)
+    assert shift.shape == log_scale.shape == (7, 5, 4)
+    for k, layer in enumerate(layers):
+        t, s = layer._params(c)
+        torch.testing.assert_close(shift[:, k], t)
+        torch.testing.assert_close(log_scale[:, k], s)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked.inverse(z, shift, log_scale), Sequential(layers).inverse(z, c)[0])
