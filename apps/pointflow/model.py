@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from core.distributions import FlowModel, StandardNormal
 from core.flows import CNF, Flow, Sequential
+from core.flows.continuous import no_logdet
 from core.flows.affine import affine_forward, affine_inverse
 from core.presets import cnf_stack
 
@@ -222,7 +223,8 @@ class PointFlowModel(nn.Module):
     def decode(self, z: Tensor, points: int, temperature: float = 1.0) -> Tensor:
         """Sample ``points`` points for each shape latent: (B, zdim) -> (B, points, 3)."""
         y = temperature * torch.randn(z.shape[0], points, self.input_dim, device=z.device, dtype=z.dtype)
-        return self.point_flow.inverse(y, z)[0]
+        with no_logdet():  # the points' log-density is not needed: no trace in the solve
+            return self.point_flow.inverse(y, z)[0]
 
     def sample(
         self, n: int, points: int = 2048, temperature: float = 1.0, latent_temperature: float = 1.0
@@ -232,7 +234,8 @@ class PointFlowModel(nn.Module):
             raise RuntimeError(
                 "this PointFlow was trained as an auto-encoder (use_latent_flow=false): it cannot sample"
             )
-        z = self.latent.sample(n, temperature=latent_temperature)
+        with no_logdet():
+            z = self.latent.sample(n, temperature=latent_temperature)
         return z, self.decode(z, points, temperature)
 
     def reconstruct(self, x: Tensor, points: int | None = None, temperature: float = 1.0) -> Tensor:

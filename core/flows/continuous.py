@@ -16,7 +16,10 @@ References:
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +27,23 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from core.flows.base import Flow, sum_except_batch
 
-__all__ = ["CNF", "regularization_loss", "hutchinson_noise", "divergence_exact", "divergence_hutchinson"]
+__all__ = ["CNF", "no_logdet", "regularization_loss", "hutchinson_noise", "divergence_exact", "divergence_hutchinson"]
 
 _MAX_PENDING = 64  # uncollected forward-solve records a CNF keeps before dropping the oldest
+_SKIP = threading.local()  # set by no_logdet()
+
+
+@contextmanager
+def no_logdet() -> Iterator[None]:
+    """Inside this block a CNF integrates its state only, no trace: for a caller that discards the log-det (drawing
+    samples), this saves the trace's backward pass in every function evaluation and leaves the log-det out of the
+    solver's error control. The log-det it returns is NaN, so that a sum that uses it by mistake shows."""
+    before = getattr(_SKIP, "on", False)
+    _SKIP.on = True
+    try:
+        yield
+    finally:
+        _SKIP.on = before
 
 
 def hutchinson_noise(like: Tensor, kind: str) -> Tensor:
@@ -73,7 +90,8 @@ def divergence_hutchinson(
 
 
 class _ODEFunc(nn.Module):
-    """The augmented ODE of a CNF: state (x, logdet, [kinetic, jacobian], noise, context).
+    """The augmented ODE of a CNF: state (x, logdet, [kinetic, jacobian], noise, context), or (x, context) alone
+    under :func:`no_logdet`.
 
     The Hutchinson noise and the context ride in the state with zero derivative, so the adjoint pass
     re-evaluates the dynamics with exactly the noise and context of its own solve (and gives the context a
@@ -90,6 +108,9 @@ class _ODEFunc(nn.Module):
 
     def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.num_evals += 1
+        if len(state) == 2:  # no log-det (no_logdet): the dynamics alone, without a graph unless one is wanted
+            context = state[1] if state[1].numel() else None
+            return self.dynamics(t, state[0], context), torch.zeros_like(state[1])
         regularize = len(state) == 6
         x, noise, context = state[0], state[-2], state[-1]
         context = context if context.numel() else None
@@ -188,6 +209,8 @@ class CNF(Flow):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("CNF needs autograd for its trace: use torch.no_grad(), not torch.inference_mode()")
         regularize = self.training and (self.kinetic_energy > 0 or self.jacobian_norm > 0) and not reverse
+        if getattr(_SKIP, "on", False) and not regularize:
+            return self._solve_state_only(x, context, reverse)
         needs_noise = self.func.trace == "hutchinson" or regularize
         noise = hutchinson_noise(x, self.noise_kind) if needs_noise else x.new_zeros(0)
         zero = x.new_zeros(x.shape[0])
@@ -196,8 +219,7 @@ class CNF(Flow):
         logdet0 = x.new_zeros(x.shape[:-1]) if getattr(self.func.dynamics, "pointwise", False) else zero
         ctx = context if context is not None else x.new_zeros(0)
         state = (x, logdet0, zero, zero, noise, ctx) if regularize else (x, logdet0, noise, ctx)
-        t_end = self.end_time.to(x)
-        times = torch.stack([t_end, t_end.new_zeros(())]) if reverse else torch.stack([t_end.new_zeros(()), t_end])
+        times = self._times(x, reverse)
         kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
         if self.step_size is not None:
             kwargs["options"] = dict(step_size=self.step_size)
@@ -215,6 +237,23 @@ class CNF(Flow):
                 self._record(self.regularization)
         logdet = final[1] if final[1].dim() == 1 else sum_except_batch(final[1])
         return final[0], logdet
+
+    def _times(self, like: Tensor, reverse: bool) -> Tensor:
+        t_end = self.end_time.to(like)
+        return torch.stack([t_end, t_end.new_zeros(())]) if reverse else torch.stack([t_end.new_zeros(()), t_end])
+
+    def _solve_state_only(self, x: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        """x alone through the ODE (see :func:`no_logdet`); the log-det returned is NaN."""
+        state = (x, context if context is not None else x.new_zeros(0))
+        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
+        if self.step_size is not None:
+            kwargs["options"] = dict(step_size=self.step_size)
+        times = self._times(x, reverse)
+        if self.adjoint and torch.is_grad_enabled():
+            out = odeint_adjoint(self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs)
+        else:
+            out = odeint(self.func, state, times, **kwargs)
+        return out[0][-1], x.new_full((x.shape[0],), math.nan)
 
     def _record(self, integrals: dict[str, Tensor]) -> None:
         if len(self._pending) >= _MAX_PENDING:

@@ -138,3 +138,26 @@ def test_bad_options_are_refused():
         CNF(dynamics(2), trace="approximate")
     with pytest.raises(ValueError, match="noise"):
         CNF(dynamics(2), noise="uniform")
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_no_logdet_integrates_the_same_state_without_the_trace(adjoint):
+    """Under no_logdet a CNF solves x alone (fewer function evaluations, each without the trace's backward pass):
+    the same points to the tolerance, a NaN log-det, and gradients still flow when grad mode is on."""
+    from core.flows.continuous import no_logdet
+
+    cnf = CNF(dynamics(3, 2), trace="exact", atol=1e-8, rtol=1e-8, adjoint=adjoint).double()
+    z = torch.randn(5, 7, 3, dtype=torch.float64)
+    ctx = torch.randn(5, 2, dtype=torch.float64)
+    with torch.no_grad():
+        x_full, ld = cnf.inverse(z, ctx)
+        with no_logdet():
+            x_fast, ld_fast = cnf.inverse(z, ctx)
+        x_after, _ = cnf.inverse(z, ctx)  # the switch ends with the block
+    torch.testing.assert_close(x_fast, x_full, atol=1e-6, rtol=1e-6)
+    assert ld_fast.shape == ld.shape == (5,) and ld_fast.isnan().all() and torch.isfinite(ld).all()
+    torch.testing.assert_close(x_after, x_full)
+    with no_logdet():
+        x, _ = cnf.inverse(z.requires_grad_(True), ctx)
+    x.square().sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and cnf.sqrt_end_time.grad is not None
