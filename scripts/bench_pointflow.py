@@ -4,6 +4,12 @@ step and sampling, on CPU or GPU. One table; ``--json`` writes its rows.
     python -m scripts.bench_pointflow                      # CPU: 2,048-point pairs, 100 x 100 1-NNA, small model
     python -m scripts.bench_pointflow --quick              # toy sizes, a few seconds
     python -m scripts.bench_pointflow --device cuda --eval-shapes 405 --model paper   # full 405 x 405 1-NNA
+    python -m scripts.bench_pointflow --versus-only --reference ../PointFlow --reference-torchdiffeq /tmp/tdq001
+
+With ``--reference <checkout of stevenygd/PointFlow>`` a second table puts flowsuite's training step and sampling
+beside the reference's (its own code, imported from that checkout in separate processes, on the torchdiffeq that
+``--reference-torchdiffeq`` names, e.g. ``pip install --no-deps --target DIR torchdiffeq==0.0.1`` as it pins):
+random weights, fresh processes alternating between the two, medians, function evaluations counted from outside.
 
 Timings alternate between the implementations compared (round robin) and report medians, so that a machine
 shared with other jobs slows them alike. On a CPU the EMD rows of the 1-NNA matrices are extrapolated from a block
@@ -14,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -177,6 +186,98 @@ def bench_model(size: str, batch: int, points: int, sample_shapes: int, device: 
     return rows
 
 
+VERSUS_ROWS = {  # worker row -> (label, setting, processes' warm-up and timed repeats)
+    "paper_step": ("train step", "paper: point 512-512-512, latent 256-256, zdim 128, batch 16 x 2048", 0, 1),
+    "small_step": ("train step", "small: point 128-128, latent 256-256, zdim 64, batch 8 x 512", 1, 3),
+    "sample": ("sampling per shape", "paper model, 2048 pts", 1, 1),
+    "tiny_step": ("train step", "tiny (test): batch 2 x 64", 0, 1),
+    "tiny_sample": ("sampling per shape", "tiny (test), 64 pts", 0, 1),
+}
+VERSUS_SETTINGS = (
+    "both: dopri5, atol = rtol = 1e-5, adjoint backward, Hutchinson trace with Gaussian noise in training, moving "
+    "batch-norm around each CNF, T = 0.5 learned, concatsquash tanh, Adam 1e-3; random weights, one seeded input. "
+    "flowsuite: torch {torch}, torchdiffeq {fs_tdq}, adjoint seminorm; sampling without the trace (no_logdet). "
+    "reference: its own code and argparse defaults, torchdiffeq {ref_tdq}; its sampling integrates the log-density "
+    "(Hutchinson) as its CNF always does. NFE: calls of the ODE function (pre-hook), point / latent, forward + backward."
+)
+
+
+def _worker(spec: dict, reference_torchdiffeq: Path | None, threads: int) -> dict:
+    """Run one side of one row in a fresh process (``bench_pointflow_worker.py``) and return its result."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if spec["impl"] == "reference":  # nothing of flowsuite on the path: the reference's own torchdiffeq first
+        env["PYTHONPATH"] = str(reference_torchdiffeq) if reference_torchdiffeq else ""
+    else:
+        env["PYTHONPATH"] = str(root)
+    spec = dict(spec, threads=threads)
+    cmd = [sys.executable, str(root / "scripts" / "bench_pointflow_worker.py"), json.dumps(spec)]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"{spec['impl']} {spec['row']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
+def bench_versus(
+    reference: Path, rows: Sequence[str], rounds: int, threads: int, reference_torchdiffeq: Path | None,
+    sample_shapes: int,
+) -> list[dict]:  # fmt: skip
+    """flowsuite beside the reference, row by row: ``rounds`` rounds of one fresh process per side, the order
+    swapped every round (A B, B A, ...); medians of the timed repeats, NFE and peak RSS, load average at each start."""
+    out = []
+    for row in rows:
+        label, setting, warmup, repeats = VERSUS_ROWS[row]
+        res: dict[str, list[dict]] = {"flowsuite": [], "reference": []}
+        loads: dict[str, list[float]] = {"flowsuite": [], "reference": []}
+        for r in range(rounds):
+            for impl in ("flowsuite", "reference") if r % 2 == 0 else ("reference", "flowsuite"):
+                spec = dict(impl=impl, row=row, warmup=warmup, repeats=repeats, seed=0, shapes=sample_shapes)
+                if impl == "reference":
+                    spec["reference"] = str(reference)
+                loads[impl].append(os.getloadavg()[0])
+                res[impl].append(_worker(spec, reference_torchdiffeq, threads))
+                print(f"  {row} {impl} round {r + 1}: {res[impl][-1]['times']} NFE {res[impl][-1]['nfe']}", flush=True)
+        rec = {}
+        for impl, results in res.items():
+            times = [t for x in results for t in x["times"]]
+            nfes = [n for x in results for n in x["nfe"]]
+            parts = sorted({k for n in nfes for k in n})
+            rec[impl] = dict(
+                what=label, impl=impl, setting=setting, s=statistics.median(times), times=times,
+                nfe=statistics.median([sum(n.values()) for n in nfes]),
+                nfe_parts={k: statistics.median([n.get(k, 0) for n in nfes]) for k in parts},
+                point_nfe=statistics.median([n.get("point_fwd", 0) + n.get("point_bwd", 0) for n in nfes]),
+                peak_mb=max(x["peak_mb"] for x in results), load=statistics.median(loads[impl]),
+                torchdiffeq=results[0]["torchdiffeq"], settings=results[0]["settings"], row=row,
+            )  # fmt: skip
+        rec["flowsuite"]["ratio"] = rec["flowsuite"]["s"] / rec["reference"]["s"]
+        rec["flowsuite"]["mem_ratio"] = rec["flowsuite"]["peak_mb"] / rec["reference"]["peak_mb"]
+        out += [rec["flowsuite"], rec["reference"]]
+    return out
+
+
+def _print_versus(rows: list[dict], rounds: int, threads: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    fs = next(r for r in rows if r["impl"] == "flowsuite")
+    ref = next(r for r in rows if r["impl"] == "reference")
+    caption = VERSUS_SETTINGS.format(torch=torch.__version__, fs_tdq=fs["torchdiffeq"], ref_tdq=ref["torchdiffeq"])
+    table = Table(title=f"flowsuite vs reference (stevenygd/PointFlow), {threads} threads, fresh processes "
+                  f"alternating, medians of {rounds} rounds", caption=caption)  # fmt: skip
+    for col in ("what", "setting", "impl", "time", "ratio", "NFE (pt fwd+bwd / lat fwd+bwd)", "peak MB", "load 1 min"):
+        table.add_column(col, justify="left" if col in ("what", "setting", "impl") else "right")
+    for r in rows:
+        p = r["nfe_parts"]
+        nfe = f"{r['nfe']:.0f} ({p.get('point_fwd', 0):.0f}+{p.get('point_bwd', 0):.0f} / "
+        nfe += f"{p.get('latent_fwd', 0):.0f}+{p.get('latent_bwd', 0):.0f})"
+        ratio = f"{r['ratio']:.2f}x time, {r['mem_ratio']:.2f}x mem" if "ratio" in r else ""
+        table.add_row(r["what"], r["setting"], r["impl"], f"{r['s']:.3f} s", ratio, nfe, f"{r['peak_mb']:.0f}",
+                      f"{r['load']:.1f}")  # fmt: skip
+    Console(width=220).print(table)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -193,6 +294,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("--emd-block", type=int, default=4, help="CPU: approxmatch 1-NNA time from a k x k block")
     ap.add_argument("--no-emd", action="store_true")
     ap.add_argument("--no-model", action="store_true", help="metrics only")
+    ap.add_argument("--reference", type=Path, default=None, help="a checkout of stevenygd/PointFlow: time it beside us")
+    ap.add_argument("--reference-torchdiffeq", type=Path, default=None,
+                    help="a folder holding torchdiffeq 0.0.1 (pip install --no-deps --target DIR torchdiffeq==0.0.1), "
+                    "put first on the reference's path")  # fmt: skip
+    ap.add_argument("--versus-rows", default="paper_step,small_step,sample",
+                    help=f"rows of the reference comparison, comma-separated, of {', '.join(VERSUS_ROWS)}")  # fmt: skip
+    ap.add_argument("--versus-rounds", type=int, default=2, help="processes per side and row (a paper step ~90 s)")
+    ap.add_argument("--versus-only", action="store_true", help="with --reference: only the comparison table")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in the comparison's processes")
     args = ap.parse_args(argv)
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,10 +317,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             args.rounds,
         )
         shapes, repeats, sample_shapes = args.eval_shapes, args.repeats, args.sample_shapes
-    rows = bench_pairs(pairs, points, device, rounds, not args.no_emd)
-    rows += bench_one_nna(shapes, points, device, not args.no_emd, args.emd_block)
-    if not args.no_model:
-        rows += bench_model(size, batch, points, sample_shapes, device, repeats)
+    versus: list[dict] = []
+    if args.reference is not None:
+        names = ["tiny_step", "tiny_sample"] if args.quick else [x for x in args.versus_rows.split(",") if x]
+        unknown = set(names) - set(VERSUS_ROWS)
+        if unknown:
+            ap.error(f"unknown --versus-rows {sorted(unknown)}; choose from {list(VERSUS_ROWS)}")
+        versus = bench_versus(args.reference, names, 1 if args.quick else args.versus_rounds, args.threads,
+                              args.reference_torchdiffeq, 1 if args.quick else args.sample_shapes)  # fmt: skip
+        for r in versus:
+            r["device"] = "cpu"
+    rows: list[dict] = []
+    if not (args.versus_only and versus):
+        rows = bench_pairs(pairs, points, device, rounds, not args.no_emd)
+        rows += bench_one_nna(shapes, points, device, not args.no_emd, args.emd_block)
+        if not args.no_model:
+            rows += bench_model(size, batch, points, sample_shapes, device, repeats)
     for r in rows:
         r["device"] = device
 
@@ -229,7 +351,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"{r['nfe']:.0f}" if "nfe" in r else "", f"{r['peak_mb']:.0f}" if "peak_mb" in r else "",
             r.get("note", ""),
         )  # fmt: skip
-    Console(width=200).print(table)
+    if rows:
+        Console(width=200).print(table)
+    if versus:
+        _print_versus(versus, 1 if args.quick else args.versus_rounds, args.threads)
+    rows += versus
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
