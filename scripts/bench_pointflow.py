@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -198,7 +198,8 @@ VERSUS_SETTINGS = (
     "batch-norm around each CNF, T = 0.5 learned, concatsquash tanh, Adam 1e-3; random weights, one seeded input. "
     "flowsuite: torch {torch}, torchdiffeq {fs_tdq}, adjoint seminorm; sampling without the trace (no_logdet). "
     "reference: its own code and argparse defaults, torchdiffeq {ref_tdq}; its sampling integrates the log-density "
-    "(Hutchinson) as its CNF always does. NFE: calls of the ODE function (pre-hook), point / latent, forward + backward."
+    "(Hutchinson) as its CNF always does. NFE: calls of the ODE function (pre-hook), point / latent, forward + "
+    "backward."
 )
 
 

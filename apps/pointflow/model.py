@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from core.distributions import FlowModel, StandardNormal
 from core.flows import CNF, Flow, Sequential
-from core.flows.continuous import no_logdet
 from core.flows.affine import affine_forward, affine_inverse
+from core.flows.continuous import no_logdet
 from core.presets import cnf_stack
 
 __all__ = ["MovingBatchNorm", "cnf_chain", "PointNetEncoder", "PointFlowModel"]
