@@ -132,7 +132,7 @@ def check_invocation(app: str, command: str, overrides: Sequence[str]) -> None:
         if a.startswith("hydra.run.dir="):
             run_dir = Path(a.split("=", 1)[1]).expanduser()
             reads = input_paths(given)
-            if check_run_dir(run_dir, app, command, bool(given.get("overwrite")), reads):
+            if check_run_dir(run_dir, app, command, bool(given.get("overwrite")), reads, given.get("ckpt_path")):
                 claim_run_dir(run_dir, app, command, overwrite=True, reads=reads)  # clears the earlier run
 
 
@@ -198,7 +198,9 @@ def main(
     def task(cfg: DictConfig) -> Any:
         sys.argv = original_argv  # DDP worker ranks are launched from sys.argv: they must see the command
         if not is_worker_rank():
-            claim_run_dir(cfg.output_dir, app, command, bool(cfg.get("overwrite")), input_paths(cfg))
+            claim_run_dir(
+                cfg.output_dir, app, command, bool(cfg.get("overwrite")), input_paths(cfg), cfg.get("ckpt_path")
+            )
         result["value"] = commands[command](cfg)
         return result["value"]
 

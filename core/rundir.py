@@ -3,6 +3,8 @@
 A command writes ``.flowsuite-run.json`` (app, command, start time) into its output directory. A directory that
 already holds another run's outputs is refused with an error naming it; with ``overwrite=true`` a directory that holds
 an earlier run of the *same* app and command is cleared first (an ``evaluate`` can never clear a training run).
+A training run resumed from one of its own checkpoints (``train ckpt_path=<dir> output_dir=<dir>``) continues in
+its directory.
 """
 
 from __future__ import annotations
@@ -44,11 +46,18 @@ def _foreign_entries(folder: Path) -> list[Path]:
 
 
 def check_run_dir(
-    folder: str | Path, app: str, command: str, overwrite: bool, reads: Iterable[str | Path] = ()
+    folder: str | Path,
+    app: str,
+    command: str,
+    overwrite: bool,
+    reads: Iterable[str | Path] = (),
+    resumes: str | Path | None = None,
 ) -> bool:
     """Raise :class:`RunDirError` if ``folder`` holds another run's outputs. Returns True when the folder holds an
     earlier run of the same app and command that ``overwrite=true`` allows to clear: never when the command reads
-    one of ``reads`` (its checkpoint, its inputs) from inside the folder, which clearing would delete."""
+    one of ``reads`` (its checkpoint, its inputs) from inside the folder, which clearing would delete. A run of the
+    same app and command that ``resumes`` from a checkpoint inside the folder continues there (False, nothing
+    cleared)."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
@@ -56,7 +65,10 @@ def check_run_dir(
     entries = _foreign_entries(folder)
     if owner is None and not entries:
         return False
-    if owner is not None and (owner.get("app"), owner.get("command")) == (app, command) and overwrite:
+    same = owner is not None and (owner.get("app"), owner.get("command")) == (app, command)
+    if same and resumes and not overwrite and _is_within(Path(resumes), folder):
+        return False  # the interrupted run continues in its own directory
+    if same and overwrite:
         inside = [str(r) for r in reads if _is_within(Path(r), folder)]
         if inside:
             raise RunDirError(
@@ -82,11 +94,16 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def claim_run_dir(
-    folder: str | Path, app: str, command: str, overwrite: bool = False, reads: Iterable[str | Path] = ()
+    folder: str | Path,
+    app: str,
+    command: str,
+    overwrite: bool = False,
+    reads: Iterable[str | Path] = (),
+    resumes: str | Path | None = None,
 ) -> None:
     """Check ``folder`` (see :func:`check_run_dir`), clear an earlier run of this command if allowed, and mark it."""
     folder = Path(folder)
-    if check_run_dir(folder, app, command, overwrite, reads):
+    if check_run_dir(folder, app, command, overwrite, reads, resumes):
         for p in _foreign_entries(folder):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     folder.mkdir(parents=True, exist_ok=True)

@@ -276,3 +276,20 @@ def test_ddp_test_nll_equals_the_single_process_value(trained, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         values[trainer] = json.loads((tmp_path / trainer / "metrics.json").read_text())["test/nll"]
     assert values["ddp_cpu"] == pytest.approx(values["cpu"], rel=1e-6, abs=1e-6)
+
+
+def test_a_training_run_resumes_in_its_own_directory(tmp_path):
+    """``train ckpt_path=<dir> output_dir=<dir>`` continues the interrupted run there; anything else is refused."""
+    claim_run_dir(tmp_path, "density2d", "train")
+    ckpt = tmp_path / "checkpoints" / "interrupted.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    with pytest.raises(RunDirError, match="already holds"):
+        claim_run_dir(tmp_path, "density2d", "train", reads=[str(ckpt)])  # a fresh run: refused
+    with pytest.raises(RunDirError, match="already holds"):
+        claim_run_dir(tmp_path, "pointflow", "train", reads=[str(ckpt)], resumes=str(ckpt))  # another app's run
+    with pytest.raises(RunDirError, match="already holds"):
+        claim_run_dir(tmp_path, "density2d", "train", resumes=str(tmp_path.parent / "elsewhere.ckpt"))
+    for resumes in (str(ckpt), str(tmp_path)):
+        claim_run_dir(tmp_path, "density2d", "train", reads=[resumes], resumes=resumes)
+        assert ckpt.read_bytes() == b"weights"
