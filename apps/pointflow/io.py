@@ -36,13 +36,20 @@ def check_coordinates(points: np.ndarray, name: str, limit: float = MAX_ABS_COOR
         )
 
 
-def read_cloud(path: str | Path) -> np.ndarray:
-    """(N, 3) float32 points from one file; errors name the file and what was found."""
+def read_cloud(path: str | Path, min_points: int = 1) -> np.ndarray:
+    """(N, 3) float32 points from one file, N >= ``min_points``: ``.npy`` (a float array, never a pickle) or
+    ``.ply``/``.pcd``/``.xyz`` (open3d). NaN/inf or absurd coordinates are refused; errors name the file and what
+    was found. The one reader of clouds: data sets (``pc15k``) and ``evaluate``/``reconstruct`` inputs alike."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"point cloud {path} does not exist")
     if path.suffix == ".npy":
-        pts = np.load(path)
+        try:
+            pts = np.load(path, allow_pickle=False)
+        except Exception as e:  # corrupt file, pickled object array, not an .npy at all
+            raise ValueError(f"{path}: not a readable .npy array of points ({type(e).__name__}: {e})") from e
+        if not isinstance(pts, np.ndarray):
+            raise ValueError(f"{path}: expected a single .npy array of shape (N, 3), found {type(pts).__name__}")
         if not np.issubdtype(pts.dtype, np.floating):
             raise ValueError(f"{path}: expected float points, found dtype {pts.dtype}")
     elif path.suffix in (".ply", ".pcd", ".xyz"):
@@ -53,8 +60,10 @@ def read_cloud(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: unsupported point-cloud format; use one of {', '.join(CLOUD_SUFFIXES)}")
     if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) == 0:
         raise ValueError(f"{path}: expected an (N, 3) point cloud, found shape {pts.shape}")
+    if len(pts) < min_points:
+        raise ValueError(f"{path}: expected at least {min_points} points, found {len(pts)}")
     check_coordinates(pts, str(path))
-    return pts.astype(np.float32)
+    return pts.astype(np.float32, copy=False)
 
 
 def _subsample(pts: np.ndarray, points: int | None, rng: np.random.Generator, name: str) -> np.ndarray:

@@ -20,13 +20,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
+from apps.pointflow.io import read_cloud
+
 __all__ = [
     "SHAPENET_CATEGORIES",
     "SPLITS",
     "NORMALIZE_MODES",
     "resolve_categories",
     "category_folder",
-    "load_cloud",
     "split_entries",
     "NormStats",
     "PC15kDataset",
@@ -161,31 +162,6 @@ def _dataset_folders(root: Path, categories: str | Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- clouds
-
-
-def load_cloud(path: str | Path, min_points: int = 0) -> np.ndarray:
-    """One PC15k cloud: a ``.npy`` float array (P, 3), P >= ``min_points``, returned as float32."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"point cloud file {path} does not exist")
-    try:
-        x = np.load(path, allow_pickle=False)
-    except Exception as e:  # corrupt file, pickled object array, not an .npy at all
-        raise ValueError(f"{path}: not a readable .npy array of points ({type(e).__name__}: {e})") from e
-    if not isinstance(x, np.ndarray):
-        raise ValueError(f"{path}: expected a single .npy array of shape (P, 3), found {type(x).__name__}")
-    if x.ndim != 2 or x.shape[1] != 3:
-        raise ValueError(f"{path}: expected shape (P, 3), found {x.shape}")
-    if x.dtype not in (np.float16, np.float32, np.float64):
-        raise ValueError(f"{path}: expected float16/32/64 coordinates, found dtype {x.dtype}")
-    if len(x) < min_points:
-        raise ValueError(f"{path}: expected at least {min_points} points, found {len(x)}")
-    bad = ~np.isfinite(x).all(1)
-    if bad.any():
-        raise ValueError(
-            f"{path}: point {int(np.argmax(bad))} is not finite (NaN or inf; {int(bad.sum())} such points)"
-        )
-    return x.astype(np.float32, copy=False)
 
 
 def _pool_sizes(total: int) -> tuple[int, int]:
@@ -324,7 +300,7 @@ class PC15kDataset(Dataset):
         self._rng_key: object = ()
 
     def _load(self) -> np.ndarray:
-        first = load_cloud(self.files[0])
+        first = read_cloud(self.files[0])
         n = len(first)
         tr_pool, te_pool = _pool_sizes(n)
         if tr_pool < self.points or te_pool < self.eval_points:
@@ -335,7 +311,7 @@ class PC15kDataset(Dataset):
         clouds = np.empty((len(self.files), n, 3), dtype=np.float32)
         clouds[0] = first
         for i, f in enumerate(self.files[1:], 1):
-            x = load_cloud(f)
+            x = read_cloud(f)
             if len(x) != n:
                 raise ValueError(f"{f}: has {len(x)} points, but {self.files[0]} has {n}; all clouds must match")
             clouds[i] = x

@@ -14,7 +14,8 @@ import torch
 
 from apps.pointflow.convert import convert_to_pc15k
 from apps.pointflow.data import PointCloudDataModule
-from apps.pointflow.pc15k import SHAPENET_CATEGORIES, NormStats, PC15kDataset, load_cloud, resolve_categories
+from apps.pointflow.io import read_cloud
+from apps.pointflow.pc15k import SHAPENET_CATEGORIES, NormStats, PC15kDataset, resolve_categories
 
 REPO = Path(__file__).resolve().parents[3]
 CHAIRS = REPO / "data" / "shapes" / "modelnet10_chair_voxels32_dev.npz"
@@ -170,17 +171,18 @@ def test_random_subsampling(tree):
 @pytest.mark.parametrize(
     "bad, match",
     [
-        (np.zeros((P, 2), np.float32), r"shape \(P, 3\), found \(12000, 2\)"),
+        (np.zeros((P, 2), np.float32), r"\(N, 3\) point cloud, found shape \(12000, 2\)"),
         (np.zeros((2, P, 3), np.float32), "found"),
         (np.full((P, 3), np.nan, np.float32), "NaN"),
         (np.zeros((P, 3), np.int64), "int64"),
+        (np.full((P, 3), 1e30, np.float32), "beyond"),
     ],
 )
 def test_bad_cloud_files_name_the_file(tree, tmp_path, bad, match):
     f = tmp_path / "bad_cloud.npy"
     np.save(f, bad)
     with pytest.raises(ValueError, match=match) as e:
-        load_cloud(f)
+        read_cloud(f)
     assert str(f) in str(e.value)
     root = tmp_path / "tree"  # the dataset reports it too
     (root / AIRPLANE / "train").mkdir(parents=True)
@@ -194,7 +196,7 @@ def test_too_few_points_and_missing_or_empty_folders(tree, tmp_path):
     f = tmp_path / "small.npy"
     np.save(f, np.zeros((100, 3), np.float32))
     with pytest.raises(ValueError, match="small.npy"):
-        load_cloud(f, min_points=15000)
+        read_cloud(f, min_points=15000)
     with pytest.raises(ValueError, match="eval_points=5000"):
         PC15kDataset(tree, "airplane", eval_points=5000)
     with pytest.raises(FileNotFoundError, match="nowhere"):
