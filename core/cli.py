@@ -98,6 +98,20 @@ def compose(app: str, command: str, overrides: Sequence[str] = ()) -> DictConfig
         return hydra_compose(command, overrides=[_searchpath_override(), *identity, *overrides])
 
 
+def open_mapping_overrides(app: str, command: str, overrides: Sequence[str]) -> list[str]:
+    """``data.root=...`` -> ``+data.root=...`` where the command's config holds an empty mapping for ``data``
+    (``data: {}``: overrides merged over a checkpoint's config), so the natural spelling is accepted instead of
+    failing in Hydra with "Could not override"."""
+    raw = OmegaConf.load(CONF_DIR / app / f"{command}.yaml")
+    out = []
+    for arg in overrides:
+        head = arg.split("=", 1)[0]
+        top = head.split(".", 1)[0]
+        node = raw.get(top) if "=" in arg and "." in head and not arg.startswith(("+", "~")) else None
+        out.append(f"+{arg}" if isinstance(node, DictConfig) and len(node) == 0 else arg)
+    return out
+
+
 def _is_group_choice(app: str, arg: str) -> bool:
     """``trainer=ddp``, ``+experiment=paper``: a config-group selection rather than a value."""
     key = arg.split("=", 1)[0].lstrip("+~")
@@ -186,6 +200,7 @@ def main(
         sys.exit(f"apps.{app}: missing config {CONF_DIR / app / f'{command}.yaml'}")
 
     flags, overrides = split_flags(rest)
+    overrides = open_mapping_overrides(app, command, overrides)
     if not any(f in flags for f in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "-m", "--multirun")):
         try:
             check_invocation(app, command, overrides)

@@ -87,3 +87,16 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     proc = run_cli("density2d", "train", "model=maf", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     assert "core.presets.maf" in proc.stdout and "lightning.pytorch.Trainer" in proc.stdout
+
+
+def test_data_overrides_need_no_plus_where_the_command_merges_them_over_a_checkpoint():
+    """``evaluate ckpt=... data.root=...`` failed in Hydra ("Could not override 'data.root'") because evaluate's
+    config holds ``data: {}``; the CLI now adds the ``+`` itself, and only there."""
+    from core.cli import compose, open_mapping_overrides
+
+    args = ["ckpt=x.ckpt", "data.root=/data/pc15k", "+data.split=test", "seed=3"]
+    opened = open_mapping_overrides("pointflow", "evaluate", args)
+    assert opened == ["ckpt=x.ckpt", "+data.root=/data/pc15k", "+data.split=test", "seed=3"]
+    assert compose("pointflow", "evaluate", opened).data.root == "/data/pc15k"
+    # train's data group has its keys: overrides stay as written (a misspelt key is still refused there)
+    assert open_mapping_overrides("pointflow", "train", ["data.root=/x"]) == ["data.root=/x"]
