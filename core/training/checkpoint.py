@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from core.paths import resolve_path
@@ -211,6 +212,8 @@ def save_checkpoint(
 ) -> bool:
     """Write a checkpoint of ``module`` outside a Trainer (same rules and layout as training checkpoints)."""
     config = config if config is not None else getattr(module, "run_config", None)
+    if isinstance(config, DictConfig):  # plain containers only: weights_only loading refuses omegaconf objects
+        config = OmegaConf.to_container(config, resolve=True)
     checkpoint = {"state_dict": module.state_dict(), "global_step": int(global_step), "epoch": 0, **extra}
     if config is not None:
         checkpoint[CONFIG_KEY] = dict(config)

@@ -293,3 +293,19 @@ def test_a_training_run_resumes_in_its_own_directory(tmp_path):
     for resumes in (str(ckpt), str(tmp_path)):
         claim_run_dir(tmp_path, "density2d", "train", reads=[resumes], resumes=resumes)
         assert ckpt.read_bytes() == b"weights"
+
+
+def test_save_checkpoint_with_a_restored_runs_config_reads_back(tmp_path):
+    """``save_checkpoint(module, path, step, restored.cfg)`` pickled omegaconf objects into the file, which
+    ``weights_only`` loading then refused (tried, exporting a trained model); the config is stored as plain values."""
+    from omegaconf import OmegaConf
+
+    from core.training import save_checkpoint
+    from core.training.checkpoint import CONFIG_KEY
+
+    cfg = OmegaConf.create({"app": "density2d", "command": "train", "model": {"hidden": [8, 8]}, "seed": 0})
+    path = tmp_path / "model.ckpt"
+    assert save_checkpoint(torch.nn.Linear(2, 2), path, 7, cfg)
+    ckpt = read_checkpoint(path, app="density2d")
+    assert ckpt["global_step"] == 7
+    assert OmegaConf.create(ckpt[CONFIG_KEY]).model.hidden == [8, 8]
