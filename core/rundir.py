@@ -3,8 +3,8 @@
 A command writes ``.flowsuite-run.json`` (app, command, start time) into its output directory. A directory that
 already holds another run's outputs is refused with an error naming it; with ``overwrite=true`` a directory that holds
 an earlier run of the *same* app and command is cleared first (an ``evaluate`` can never clear a training run).
-A training run resumed from one of its own checkpoints (``train ckpt_path=<dir> output_dir=<dir>``) continues in
-its directory.
+A run resumed from a checkpoint inside the directory is refused there too, with a message: it writes to a new
+directory, so that the earlier run's logs (its CSV file, W&B run) and outputs are never replaced.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ def check_run_dir(
 ) -> bool:
     """Raise :class:`RunDirError` if ``folder`` holds another run's outputs. Returns True when the folder holds an
     earlier run of the same app and command that ``overwrite=true`` allows to clear: never when the command reads
-    one of ``reads`` (its checkpoint, its inputs) from inside the folder, which clearing would delete. A run of the
-    same app and command that ``resumes`` from a checkpoint inside the folder continues there (False, nothing
-    cleared)."""
+    one of ``reads`` (its checkpoint, its inputs) from inside the folder, which clearing would delete. A run that
+    ``resumes`` from a checkpoint inside the folder is refused with a message saying where it should write."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
@@ -67,7 +66,12 @@ def check_run_dir(
         return False
     same = owner is not None and (owner.get("app"), owner.get("command")) == (app, command)
     if same and resumes and not overwrite and _is_within(Path(resumes), folder):
-        return False  # the interrupted run continues in its own directory
+        # continuing in place would replace the earlier run's logs (Lightning's CSV logger rewrites metrics.csv)
+        raise RunDirError(
+            f"{folder} holds the run that ckpt_path={resumes} resumes; a resumed run writes to a new directory so "
+            "that the earlier run's logs and outputs stay as they are: leave output_dir / hydra.run.dir at their "
+            "defaults"
+        )
     if same and overwrite:
         inside = [str(r) for r in reads if _is_within(Path(r), folder)]
         if inside:

@@ -278,21 +278,22 @@ def test_ddp_test_nll_equals_the_single_process_value(trained, tmp_path):
     assert values["ddp_cpu"] == pytest.approx(values["cpu"], rel=1e-6, abs=1e-6)
 
 
-def test_a_training_run_resumes_in_its_own_directory(tmp_path):
-    """``train ckpt_path=<dir> output_dir=<dir>`` continues the interrupted run there; anything else is refused."""
+def test_a_resumed_run_never_writes_into_the_run_it_resumes(tmp_path):
+    """``train ckpt_path=<dir> output_dir=<dir>`` once continued in place, and Lightning's CSV logger then rewrote
+    the earlier run's metrics.csv from the resumed step on (tried): it is refused, naming where to write."""
     claim_run_dir(tmp_path, "density2d", "train")
     ckpt = tmp_path / "checkpoints" / "interrupted.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"weights")
-    with pytest.raises(RunDirError, match="already holds"):
-        claim_run_dir(tmp_path, "density2d", "train", reads=[str(ckpt)])  # a fresh run: refused
-    with pytest.raises(RunDirError, match="already holds"):
-        claim_run_dir(tmp_path, "pointflow", "train", reads=[str(ckpt)], resumes=str(ckpt))  # another app's run
-    with pytest.raises(RunDirError, match="already holds"):
-        claim_run_dir(tmp_path, "density2d", "train", resumes=str(tmp_path.parent / "elsewhere.ckpt"))
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("step\n1\n")
     for resumes in (str(ckpt), str(tmp_path)):
-        claim_run_dir(tmp_path, "density2d", "train", reads=[resumes], resumes=resumes)
-        assert ckpt.read_bytes() == b"weights"
+        with pytest.raises(RunDirError, match="resumed run writes to a new directory"):
+            claim_run_dir(tmp_path, "density2d", "train", reads=[resumes], resumes=resumes)
+    with pytest.raises(RunDirError, match="already holds"):
+        claim_run_dir(tmp_path, "density2d", "train", reads=[str(ckpt)])  # a fresh run: refused as before
+    assert ckpt.read_bytes() == b"weights" and (tmp_path / "csv" / "metrics.csv").read_text() == "step\n1\n"
+    claim_run_dir(tmp_path / "new", "density2d", "train", reads=[str(ckpt)], resumes=str(ckpt))  # elsewhere: fine
 
 
 def test_save_checkpoint_with_a_restored_runs_config_reads_back(tmp_path):
