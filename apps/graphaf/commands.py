@@ -242,7 +242,8 @@ def evaluate(cfg: DictConfig) -> dict:
 COMMANDS = {"train": train, "sample": sample, "evaluate": evaluate, "optimize": optimize}
 DESCRIPTIONS = {
     "train": "fit GraphAF on a SMILES file (data=qm9 | zinc250k | smiles data.path=... data.column=...)",
-    "sample": "ckpt=<file or run dir> n=10000 [temperature=0.75 valency_check=true min_atoms=7]: samples.smi, samples.png",
+    "sample": "ckpt=<file or run dir> n=10000 [temperature=0.75 valency_check=true min_atoms=7]: samples.smi, "
+    "samples.png",
     "evaluate": "ckpt=... n=10000, or smiles=<file> reference=<training file>: validity, uniqueness, novelty, "
     "reconstruction, QED / penalized logP / SA distributions",
     "optimize": "ckpt=... property=plogp|qed steps=60: RL (PPO) fine-tuning for a property; top-3 scores, "

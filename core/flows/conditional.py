@@ -77,7 +77,8 @@ class StackedConditionalAffine:
     def __init__(self, layers: Sequence[ConditionalAffine]) -> None:
         first = layers[0]
         if any(
-            (l.features, l.scale, l.bound, len(l.net.net)) != (first.features, first.scale, first.bound, len(first.net.net))
+            (l.features, l.scale, l.bound, len(l.net.net))
+            != (first.features, first.scale, first.bound, len(first.net.net))
             for l in layers
         ):
             raise ValueError("StackedConditionalAffine: the layers differ in size, scale or depth")

@@ -220,9 +220,7 @@ class CNF(Flow):
         ctx = context if context is not None else x.new_zeros(0)
         state = (x, logdet0, zero, zero, noise, ctx) if regularize else (x, logdet0, noise, ctx)
         times = self._times(x, reverse)
-        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
-        if self.step_size is not None:
-            kwargs["options"] = dict(step_size=self.step_size)
+        kwargs = self._solver_kwargs()
         if self.adjoint and torch.is_grad_enabled():
             extra = dict(adjoint_options=dict(norm="seminorm")) if self.adjoint_seminorm and not self.step_size else {}
             out = odeint_adjoint(
@@ -238,6 +236,12 @@ class CNF(Flow):
         logdet = final[1] if final[1].dim() == 1 else sum_except_batch(final[1])
         return final[0], logdet
 
+    def _solver_kwargs(self) -> dict:
+        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
+        if self.step_size is not None:
+            kwargs["options"] = dict(step_size=self.step_size)
+        return kwargs
+
     def _times(self, like: Tensor, reverse: bool) -> Tensor:
         t_end = self.end_time.to(like)
         return torch.stack([t_end, t_end.new_zeros(())]) if reverse else torch.stack([t_end.new_zeros(()), t_end])
@@ -245,10 +249,7 @@ class CNF(Flow):
     def _solve_state_only(self, x: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
         """x alone through the ODE (see :func:`no_logdet`); the log-det returned is NaN."""
         state = (x, context if context is not None else x.new_zeros(0))
-        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
-        if self.step_size is not None:
-            kwargs["options"] = dict(step_size=self.step_size)
-        times = self._times(x, reverse)
+        kwargs, times = self._solver_kwargs(), self._times(x, reverse)
         if self.adjoint and torch.is_grad_enabled():
             out = odeint_adjoint(self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs)
         else:

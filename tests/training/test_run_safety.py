@@ -35,7 +35,10 @@ class InterruptFresh(pl.Callback):
             raise KeyboardInterrupt
 
 
-INTERRUPT = ["+callbacks.interrupt._target_=tests.training.test_run_safety.InterruptFresh", "+callbacks.interrupt.step=3"]
+INTERRUPT = [
+    "+callbacks.interrupt._target_=tests.training.test_run_safety.InterruptFresh",
+    "+callbacks.interrupt.step=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +220,11 @@ def test_bad_checkpoint_files_name_the_file(trained, tmp_path, kind):
 def test_restore_gives_module_config_and_datamodule(trained):
     restored = restore(trained, {"data": {"n_test": 64}}, app="density2d")
     module, cfg, dm = restored
-    assert not module.training and restored.global_step == 8 and restored.path.name in {"last.ckpt"} | {
-        p.name for p in (trained / "checkpoints").glob("*.ckpt")
-    }
+    assert (
+        not module.training
+        and restored.global_step == 8
+        and restored.path.name in {"last.ckpt"} | {p.name for p in (trained / "checkpoints").glob("*.ckpt")}
+    )
     assert cfg.data.n_test == 64 and cfg.model == restored.cfg.model
     dm.setup()
     assert len(dm.splits["test"]) == 64
