@@ -137,6 +137,31 @@ def fold_weight_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+class _GatedTanh(torch.autograd.Function):
+    """WaveNet's gate ``tanh(a[:, :C]) * sigmoid(a[:, C:])`` of a (B, 2C, ...) pre-activation, as one autograd node:
+    its backward writes the gradient of ``a`` into one (B, 2C, ...) tensor (``chunk`` would assemble it with a
+    ``cat``) in five elementwise passes. First-order only (training needs no more)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> Tensor:
+        c = a.shape[1] // 2
+        t, s = torch.tanh(a[:, :c]), torch.sigmoid(a[:, c:])
+        ctx.save_for_backward(t, s)
+        return t * s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:
+        t, s = ctx.saved_tensors
+        c = t.shape[1]
+        grad = g.new_empty(g.shape[0], 2 * c, *g.shape[2:])
+        gs = g * s
+        torch.mul(gs, torch.addcmul(torch.ones((), dtype=t.dtype), t, t, value=-1), out=grad[:, :c])  # g s (1 - t^2)
+        gs.mul_(t)
+        torch.addcmul(gs, gs, s, value=-1, out=grad[:, c:])  # g t s (1 - s)
+        return grad
+
+
 class _Block(nn.Module):
     """One gated residual layer: dilated 3x3 conv (causal in height), + mel projection, tanh * sigmoid, 1x1 to the
     residual and skip halves. The last layer of a stack has no residual half (nothing reads it): ``last=True``."""
@@ -159,17 +184,6 @@ class _Block(nn.Module):
         if self.last:
             return None, out  # skip only
         return out[:, : self.channels], out[:, self.channels :]  # residual, skip
-
-    def forward(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        # x: (B, C, rows, W); causal along height (zeros above), "same" along width
-        a = F.conv2d(
-            F.pad(x, (0, 0, self.pad_h, 0)),
-            self.conv.weight,
-            self.conv.bias,
-            padding=(0, self.dw * (self.k - 1) // 2),
-            dilation=(self.dh, self.dw),
-        )
-        return self.gate(a, cond)
 
     def step(self, window: Tensor, cond: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """One output row from the ``k`` input rows it sees, already gathered: (B, C, k, W) -> (B, C, 1, W) x2."""
@@ -221,14 +235,48 @@ class WaveNet2D(nn.Module):
         return list(self.cond(context).chunk(self.n_layers, dim=1))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        h = self.start(x)
-        skip = 0
-        for block, cond in zip(self.blocks, self._conds(context)):
-            res, s = block(h, cond)
-            skip = skip + s
-            if res is not None:
-                h = h + res
-        return self.end(skip)
+        """The parallel pass (training, density): (B, 1, rows, W), (B, context_channels, rows, W) -> (B, 2, rows, W).
+
+        The same function as the module structure says (``step`` computes it row by row), arranged for speed:
+        - each layer's mel projection is added to its convolution's output by its own GEMM (no separate add, and no
+          (B, 2 L C, rows, W) projection of all layers that the backward would reassemble with a ``cat``); its bias
+          joins the convolution's;
+        - the gate is one autograd node (:class:`_GatedTanh`);
+        - the output 1x1 convolution is linear after the skip sum, so it is folded into each layer's skip
+          projection: the skip path is 2 channels wide instead of C, and each 1x1 projection is its own GEMM
+          (no slices of a 2C-channel output, whose backward would zero-fill and copy).
+        """
+        C, L = self.channels, self.n_layers
+        h = self.start(x)  # (B, C, rows, W)
+        batch, _, rows, width = h.shape
+        w_end = self.end.weight.reshape(2, C)
+        if self.cond is not None:
+            if context is None:
+                raise ValueError(
+                    f"WaveNet2D was built with context_channels={self.context_channels} but got no context"
+                )
+            ctx = context.reshape(batch, self.context_channels, rows * width)  # (B, M, rows W)
+            w_cond = self.cond.weight.reshape(L, 2 * C, self.context_channels)
+            b_cond = self.cond.bias.reshape(L, 2 * C)
+        skip = self.end.bias.reshape(1, 2, 1, 1)
+        for i, block in enumerate(self.blocks):
+            bias = block.conv.bias if self.cond is None else block.conv.bias + b_cond[i]
+            a = F.conv2d(
+                F.pad(h, (0, 0, block.pad_h, 0)),  # causal along height (zeros above), "same" along width
+                block.conv.weight,
+                bias,
+                padding=(0, block.dw * (block.k - 1) // 2),
+                dilation=(block.dh, block.dw),
+            )  # (B, 2C, rows, W)
+            if self.cond is not None:  # + the mel projection, added by the GEMM itself
+                a = torch.baddbmm(a.view(batch, 2 * C, -1), w_cond[i].expand(batch, -1, -1), ctx).view_as(a)
+            y = _GatedTanh.apply(a)  # (B, C, rows, W)
+            w_out, b_out = block.out.weight, block.out.bias
+            w_skip, b_skip = (w_out, b_out) if block.last else (w_out[C:], b_out[C:])
+            skip = skip + F.conv2d(y, (w_end @ w_skip.reshape(C, C))[:, :, None, None], w_end @ b_skip)
+            if not block.last:
+                h = h + F.conv2d(y, w_out[:C], b_out[:C])
+        return skip
 
     # ---- incremental computation: one row at a time, each layer's input rows cached ------------------------
     def start_rows(self, batch: int, width: int, like: Tensor) -> list[list[Tensor]]:

@@ -9,6 +9,7 @@ from apps.waveflow.model import (
     MelUpsampler,
     WaveFlow,
     WaveFlowLayer,
+    _GatedTanh,
     default_height_dilations,
     height_orders,
     squeeze,
@@ -203,6 +204,37 @@ def test_fast_stepper_equals_the_differentiable_step_and_the_naive_inverse(first
     torch.testing.assert_close(ld_fast, ld_slow.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ld_fast, ld_naive, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer(fast, c)[0], z.detach(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("context_channels", [3, 0])
+def test_parallel_pass_equals_the_row_steps_in_values_and_parameter_gradients(context_channels):
+    """``WaveNet2D.forward`` (training: mel projections added by their GEMMs, one-node gate, output conv folded into
+    the skips) is the function the row-by-row ``step`` computes with the modules as written: the same (log_s, t)
+    and the same gradient for every parameter and the mel (float64), with height dilations 1 and 2 and a width
+    dilation wider than the matrix."""
+    torch.manual_seed(0)
+    layer = WaveFlowLayer(8, context_channels=context_channels, channels=6, n_layers=4, dilations_h=[1, 2, 1, 2])
+    net = layer.net.double()
+    _perturb(net, 0.2)
+    x = torch.randn(2, 1, 8, 7, dtype=torch.float64)
+    c = torch.randn(2, 3, 8, 7, dtype=torch.float64, requires_grad=True) if context_channels else None
+    parallel = net(x, c)  # (B, 2, rows, W)
+    caches = net.start_rows(2, 7, x)
+    rows = [net.step(x[:, :, i : i + 1], None if c is None else c[:, :, i : i + 1], caches) for i in range(8)]
+    stepped = torch.cat(rows, dim=2)
+    torch.testing.assert_close(parallel, stepped, rtol=1e-12, atol=1e-12)
+    weight = torch.randn_like(parallel)
+    inputs = [p for p in net.parameters()] + ([c] if c is not None else [])
+    for a, b in zip(
+        torch.autograd.grad((parallel * weight).sum(), inputs), torch.autograd.grad((stepped * weight).sum(), inputs)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_gate_node_is_tanh_times_sigmoid_with_its_gradient():
+    a = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_GatedTanh.apply(a), torch.tanh(a[:, :3]) * torch.sigmoid(a[:, 3:]))
+    assert torch.autograd.gradcheck(_GatedTanh.apply, (a,))
 
 
 def test_last_layer_has_no_unused_parameters():
