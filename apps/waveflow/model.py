@@ -162,47 +162,6 @@ class _GatedTanh(torch.autograd.Function):
         return grad
 
 
-class _CausalConv(torch.autograd.Function):
-    """The conditioner's 3x3 convolution, causal along height (``pad_h`` zero rows above) and "same" along width,
-    whose input gradient is computed as a forward convolution: the flipped, transposed kernel over the output
-    gradient with ``pad_h`` zero rows below. oneDNN's backward-data kernel is 1.3-1.6x slower than its forward kernel
-    for width dilations of 8 and more on the CPUs measured (:data:`_FORWARD_GRAD_FROM_DILATION`); the weight and bias
-    gradients are oneDNN's. First-order only (training needs no more)."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, dh: int, dw: int) -> Tensor:
-        k = weight.shape[-1]
-        xp = F.pad(h, (0, 0, (k - 1) * dh, 0))
-        ctx.save_for_backward(xp, weight)
-        ctx.dilation = (dh, dw)
-        return F.conv2d(xp, weight, bias, padding=(0, dw * (k - 1) // 2), dilation=(dh, dw))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
-        xp, weight = ctx.saved_tensors
-        (dh, dw), k = ctx.dilation, weight.shape[-1]
-        grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_h = F.conv2d(
-                F.pad(g, (0, 0, 0, (k - 1) * dh)),  # (B, 2C, rows + pad, W): zeros below
-                weight.flip(2, 3).transpose(0, 1),  # (C, 2C, k, k)
-                padding=(0, dw * (k - 1) // 2),
-                dilation=(dh, dw),
-            )
-        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            g, xp, weight, [weight.shape[0]], [1, 1], [0, dw * (k - 1) // 2], [dh, dw], False, [0, 0], 1,
-            [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
-        )  # fmt: skip
-        return grad_h, grad_w, grad_b, None, None
-
-
-# width dilation from which the training pass takes the input gradient of a 3x3 convolution from a forward
-# convolution (_CausalConv); 2 threads, batch 2 x 16,000, 64 channels: 65-82 ms -> 46-57 ms per layer at 8..128,
-# while at 1..4 oneDNN's own backward is the faster (20-31 ms against 25-40 ms)
-_FORWARD_GRAD_FROM_DILATION = 8
-
-
 class _Block(nn.Module):
     """One gated residual layer: dilated 3x3 conv (causal in height), + mel projection, tanh * sigmoid, 1x1 to the
     residual and skip halves. The last layer of a stack has no residual half (nothing reads it): ``last=True``."""
@@ -282,8 +241,7 @@ class WaveNet2D(nn.Module):
         - each layer's mel projection is added to its convolution's output by its own GEMM (no separate add, and no
           (B, 2 L C, rows, W) projection of all layers that the backward would reassemble with a ``cat``); its bias
           joins the convolution's;
-        - the gate is one autograd node (:class:`_GatedTanh`); from width dilation 8 the convolution's input gradient
-          is a forward convolution (:class:`_CausalConv`);
+        - the gate is one autograd node (:class:`_GatedTanh`);
         - the output 1x1 convolution is linear after the skip sum, so it is folded into each layer's skip
           projection: the skip path is 2 channels wide instead of C, accumulated by the GEMMs themselves, and the
           residual projection is its own GEMM that adds into ``h`` (no slices of a 2C-channel output, whose
@@ -305,17 +263,13 @@ class WaveNet2D(nn.Module):
         skip = (self.end.bias + sum(w_end @ b.out.bias[-C:] for b in self.blocks)).reshape(1, 2, 1)
         for i, block in enumerate(self.blocks):
             bias = block.conv.bias if self.cond is None else block.conv.bias + b_cond[i]
-            if block.dw >= _FORWARD_GRAD_FROM_DILATION and torch.is_grad_enabled():
-                a = _CausalConv.apply(h, block.conv.weight, bias, block.dh, block.dw)
-            else:
-                a = F.conv2d(
-                    F.pad(h, (0, 0, block.pad_h, 0)),  # causal along height (zeros above), "same" along width
-                    block.conv.weight,
-                    bias,
-                    padding=(0, block.dw * (block.k - 1) // 2),
-                    dilation=(block.dh, block.dw),
-                )
-            a = a.view(batch, 2 * C, rows * width)  # (B, 2C, rows W)
+            a = F.conv2d(
+                F.pad(h, (0, 0, block.pad_h, 0)),  # causal along height (zeros above), "same" along width
+                block.conv.weight,
+                bias,
+                padding=(0, block.dw * (block.k - 1) // 2),
+                dilation=(block.dh, block.dw),
+            ).view(batch, 2 * C, rows * width)  # (B, 2C, rows W)
             if self.cond is not None:  # + the mel projection, added by the GEMM itself
                 a = torch.baddbmm(a, w_cond[i].expand(batch, -1, -1), ctx)
             y = _GatedTanh.apply(a)  # (B, C, rows W)

@@ -9,7 +9,6 @@ from apps.waveflow.model import (
     MelUpsampler,
     WaveFlow,
     WaveFlowLayer,
-    _CausalConv,
     _GatedTanh,
     default_height_dilations,
     height_orders,
@@ -230,21 +229,6 @@ def test_parallel_pass_equals_the_row_steps_in_values_and_parameter_gradients(co
         torch.autograd.grad((parallel * weight).sum(), inputs), torch.autograd.grad((stepped * weight).sum(), inputs)
     ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize(("dh", "dw", "width"), [(1, 8, 20), (2, 3, 11), (1, 8, 5)])
-def test_causal_conv_node_input_gradient_from_a_forward_conv(dh, dw, width):
-    """The 3x3 convolution whose input gradient is a forward convolution of the flipped kernel: the causal,
-    "same"-width function and its gradients for input, weight and bias (gradcheck, float64), also with a width
-    dilation wider than the matrix."""
-    h = torch.randn(2, 3, 4, width, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    direct = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(h, (0, 0, 2 * dh, 0)), w, b, padding=(0, dw), dilation=(dh, dw)
-    )
-    torch.testing.assert_close(_CausalConv.apply(h, w, b, dh, dw), direct)
-    assert torch.autograd.gradcheck(lambda *t: _CausalConv.apply(*t, dh, dw), (h, w, b))
 
 
 def test_gate_node_is_tanh_times_sigmoid_with_its_gradient():
