@@ -156,7 +156,7 @@ class _GatedTanh(torch.autograd.Function):
         c = t.shape[1]
         grad = g.new_empty(g.shape[0], 2 * c, *g.shape[2:])
         gs = g * s
-        torch.mul(gs, torch.addcmul(torch.ones((), dtype=t.dtype), t, t, value=-1), out=grad[:, :c])  # g s (1 - t^2)
+        torch.mul(gs, torch.addcmul(t.new_ones(()), t, t, value=-1), out=grad[:, :c])  # g s (1 - t^2)
         gs.mul_(t)
         torch.addcmul(gs, gs, s, value=-1, out=grad[:, c:])  # g t s (1 - s)
         return grad
