@@ -227,11 +227,14 @@ class WaveNet2D(nn.Module):
         nn.init.zeros_(self.end.weight)
         nn.init.zeros_(self.end.bias)
 
+    def _check_context(self, context: Tensor | None) -> None:
+        if self.cond is not None and context is None:
+            raise ValueError(f"WaveNet2D was built with context_channels={self.context_channels} but got no context")
+
     def _conds(self, context: Tensor | None) -> list[Tensor | None]:
+        self._check_context(context)
         if self.cond is None:
             return [None] * self.n_layers
-        if context is None:
-            raise ValueError(f"WaveNet2D was built with context_channels={self.context_channels} but got no context")
         return list(self.cond(context).chunk(self.n_layers, dim=1))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -251,11 +254,8 @@ class WaveNet2D(nn.Module):
         h = self.start(x)  # (B, C, rows, W)
         batch, _, rows, width = h.shape
         w_end = self.end.weight.reshape(2, C)
+        self._check_context(context)
         if self.cond is not None:
-            if context is None:
-                raise ValueError(
-                    f"WaveNet2D was built with context_channels={self.context_channels} but got no context"
-                )
             ctx = context.reshape(batch, self.context_channels, rows * width)  # (B, M, rows W)
             w_cond = self.cond.weight.reshape(L, 2 * C, self.context_channels)
             b_cond = self.cond.bias.reshape(L, 2 * C)
