@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -41,6 +42,27 @@ def test_the_total_budget_is_kept(tmp_path):
     assert results[-1].status == "skipped"
 
 
+def test_timed_checks_run_alone_first_then_apps_in_parallel_chains(tmp_path):
+    def sleep(seconds: float) -> list[str]:
+        return ["timeit", "-n", "1", "-r", "1", f"import time; time.sleep({seconds})"]
+
+    checks = [
+        Check("a/train", sleep(1.5), limit_s=30),
+        Check("a/generate", sleep(0.1), limit_s=30, needs="a/train"),
+        Check("b/train", sleep(1.5), limit_s=30),
+        Check("b/bench", sleep(0.1), limit_s=30, alone=True),
+    ]
+    finished: list[str] = []
+    start = time.perf_counter()
+    results = run_checks(checks, tmp_path, budget_s=60, progress=lambda r: finished.append(r.name), jobs=2)
+    wall = time.perf_counter() - start
+    assert [r.name for r in results] == [c.name for c in checks]  # the report keeps the given order
+    assert all(r.status == "pass" for r in results), [(r.name, r.detail) for r in results]
+    assert finished[0] == "b/bench"  # the timed check ran before every other
+    assert finished.index("a/generate") > finished.index("a/train")  # a chain keeps its order
+    assert wall < sum(r.seconds for r in results) - 1.0  # the two trainings overlapped
+
+
 def test_gpu_checks_cover_every_app_and_benchmark():
     names = [c.name for c in build_checks("cuda", quick=False, gpus=2)]
     for app, gen in [
@@ -50,7 +72,8 @@ def test_gpu_checks_cover_every_app_and_benchmark():
         ("videoflow", "predict"),
     ]:
         assert {f"{app}/train-bf16", f"{app}/train-ddp", f"{app}/{gen}"} <= set(names)
-    assert sum(n.split("/")[1].startswith("bench") for n in names) == 4
+    benches = [n for n in names if n.split("/")[1].startswith("bench")]
+    assert len(benches) == 4 and names[:4] == benches  # the timed checks come first
     gpu_train = next(c for c in build_checks("cuda", False, 2) if c.name == "pointflow/train-bf16")
     assert "trainer.precision=bf16-mixed" in gpu_train.argv
     ddp = next(c for c in build_checks("cuda", False, 2) if c.name == "pointflow/train-ddp")

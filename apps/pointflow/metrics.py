@@ -6,6 +6,7 @@ additionally hands each (N, N) cost matrix to ``scipy.optimize.linear_sum_assign
 * ``chamfer_distance``  squared Chamfer distance (PointFlow's CD)
 * ``emd_approxmatch``   the EMD of PointFlow's table: the approxmatch algorithm (Fan et al. 2017) that the reference
                         compiles from ``metrics/pytorch_structural_losses/src/approxmatch.cu``, here in batched torch
+                        (fused Triton kernels on CUDA: ``approxmatch_triton``)
 * ``emd_exact``         earth mover's distance by optimal one-to-one matching (mean Euclidean distance per point)
 * ``emd_sinkhorn``      approximation of ``emd_exact`` from below (log-domain Sinkhorn, GPU-friendly)
 * ``pairwise_distances`` all sample/reference pairs, chunked by a memory budget
@@ -24,6 +25,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from apps.pointflow import approxmatch_triton
 
 __all__ = [
     "chamfer_distance",
@@ -187,7 +190,7 @@ def _approxmatch_levels(d2: Tensor):
         remain_l = (remain_l - row).clamp_min_(0.0)
 
 
-def emd_approxmatch(ref: Tensor, x: Tensor) -> Tensor:
+def emd_approxmatch(ref: Tensor, x: Tensor, impl: str = "auto") -> Tensor:
     """The EMD of PointFlow's table: approxmatch's match cost divided by the number of points, per pair.
 
     ``EMD = sum_kl plan_kl |ref_k - x_l| / N`` with ``plan = approxmatch_plan(ref, x)`` (Euclidean, not squared),
@@ -195,16 +198,24 @@ def emd_approxmatch(ref: Tensor, x: Tensor) -> Tensor:
     the reference-set cloud goes first. The plan is never materialised: its cost is accumulated level by level.
     On independent clouds it is 20-70 % above :func:`emd_exact`; for a small perturbation of well-separated
     points (each point's nearest neighbour its own copy) it equals the exact EMD.
+
+    ``impl``: ``"torch"`` (batched torch, any device), ``"triton"`` (fused kernels of
+    :mod:`apps.pointflow.approxmatch_triton`: no (B, N, N) buffers, float32 3-D clouds) or ``"auto"`` (Triton for
+    float32 3-D clouds on a CUDA device when Triton is installed, else torch).
     """
     _check_clouds(ref, x, "emd_approxmatch")
     if ref.shape[1] != x.shape[1]:
         raise ValueError(
             f"emd_approxmatch needs clouds of equal size (as the reference), got {ref.shape[1]} and {x.shape[1]}"
         )
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"emd_approxmatch: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     ref, x = _float(ref), _float(x)
     n = ref.shape[1]
     if n == 0:
         return ref.new_zeros(ref.shape[0])
+    if impl == "triton" or (impl == "auto" and _use_triton_approxmatch(ref)):
+        return approxmatch_triton.emd_approxmatch_triton(ref.float(), x.float(), _APPROXMATCH_LEVELS)
     d = _dist(ref, x)  # (B, N, N)
     d2 = d.square()
     cost = d.new_zeros(ref.shape[0])
@@ -213,6 +224,12 @@ def emd_approxmatch(ref: Tensor, x: Tensor) -> Tensor:
         torch.mul(k, d, out=kd)
         cost += torch.bmm(ratio_l.unsqueeze(1), torch.bmm(kd, ratio_r.unsqueeze(2))).view(-1)
     return cost / n
+
+
+def _use_triton_approxmatch(ref: Tensor) -> bool:
+    """The fused Triton approxmatch serves float32 3-D clouds on CUDA devices, when Triton is installed."""
+    fits = ref.is_cuda and ref.dtype == torch.float32 and ref.shape[-1] == 3
+    return fits and approxmatch_triton.available(ref.device)
 
 
 def emd_exact(x: Tensor, y: Tensor) -> Tensor:
@@ -327,6 +344,8 @@ def _pair_fn(metric: str):
 
 def _auto_batch(metric: str, n: int, m: int, device: torch.device) -> int:
     budget = _CUDA_BUDGET if device.type == "cuda" else _CPU_BUDGET
+    if metric == "emd_approxmatch" and device.type == "cuda" and approxmatch_triton.available(device):
+        return max(1, int(budget // ((n + m) * 4 * 16)))  # fused kernels: a few (B, N) vectors and the clouds
     per_pair = max(1, n * m) * 4 * _COPIES[metric]
     return max(1, int(budget // per_pair))
 

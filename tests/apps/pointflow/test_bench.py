@@ -17,7 +17,7 @@ def test_benchmark_script_quick(tmp_path):
     assert all("e-" in r["note"] for r in chamfer.values())  # each method's deviation from float64 is reported
     emd = {r["impl"] for r in rows if r["what"] == "EMD per pair"}
     assert emd == {"approxmatch", "exact (Hungarian)", "sinkhorn"}
-    assert {r["impl"] for r in rows if r["what"] == "1-NNA matrices"} == {"CD (kdtree)", "EMD (approxmatch)"}
+    assert {r["impl"] for r in rows if r["what"] == "1-NNA matrices"} == {"CD (kdtree)", "EMD (approxmatch, torch)"}
     step = next(r for r in rows if r["what"] == "train step")
     assert step["nfe"] > 0 and step["s"] > 0 and all(r["device"] == "cpu" for r in rows)
 

@@ -126,6 +126,36 @@ def test_approxmatch_equals_the_kernel_loops(n, m):
             assert emd_approxmatch(ref[b : b + 1], x[b : b + 1]).item() == pytest.approx(cost / n, rel=1e-10)
 
 
+def _triton_device() -> torch.device:
+    """Where the Triton approxmatch can be tested: a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``."""
+    from apps.pointflow import approxmatch_triton
+
+    if approxmatch_triton.triton is None:
+        pytest.skip("Triton is not installed (it comes with CUDA builds of torch)")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if approxmatch_triton.available(torch.device("cpu")):
+        return torch.device("cpu")
+    pytest.skip("no CUDA device, and TRITON_INTERPRET=1 is not set")
+
+
+@pytest.mark.parametrize("n, batch", [(100, 3), (257, 2)])  # not multiples of the kernels' blocks: masks
+def test_approxmatch_triton_kernels_equal_the_torch_version(n, batch):
+    device = _triton_device()
+    g = _gen(30 + n)
+    ref = torch.rand(batch, n, 3, generator=g) - 0.5
+    x = torch.rand(batch, n, 3, generator=g) - 0.5
+    x[0] = ref[0] + 1e-3 * torch.randn(n, 3, generator=g)  # one pair of near copies: the first levels match it
+    want = emd_approxmatch(ref.double(), x.double(), impl="torch")
+    got = emd_approxmatch(ref.to(device), x.to(device), impl="triton")
+    assert got.dtype == torch.float32 and got.device.type == device.type
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5, atol=1e-8)
+    # the column cloud first, as pairwise_distances calls it, and through its chunking
+    d = pairwise_distances(x.to(device), ref.to(device), metric="emd_approxmatch", batch_size=2)
+    want_d = torch.stack([emd_approxmatch(ref.double(), x[i : i + 1].double().expand_as(ref)) for i in range(batch)])
+    torch.testing.assert_close(d.cpu().double(), want_d, rtol=2e-5, atol=1e-8)
+
+
 def _grid(n_side: int) -> torch.Tensor:
     """Points of a regular grid with spacing 1: every kernel level but the last sees only a point's own copy."""
     r = torch.arange(n_side, dtype=torch.float32)

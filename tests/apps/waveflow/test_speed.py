@@ -86,3 +86,18 @@ def test_bf16_synthesis_tracks_fp32():
     out = GraphSynthesizer(half, batch=1, frames=4, capture=False)(mel, noise)
     assert out.dtype == torch.bfloat16 and ref.abs().max() > 0.1
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU check runs it)")
+def test_captured_graph_replay_equals_eager_synthesis_on_cuda():
+    """The captured CUDA graph, replayed twice with new inputs, gives the eager synthesis of those inputs."""
+    model = prepare_for_inference(_tiny(), torch.device("cuda"), torch.float32)
+    synth = GraphSynthesizer(model, batch=2, frames=3, sigma=0.7)
+    assert synth.graph is not None
+    for seed in (1, 2):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        mel = torch.randn(2, 10, 3, device="cuda", generator=g)
+        noise = torch.randn(2, 48, device="cuda", generator=g)
+        with torch.inference_mode():
+            expected = model.synthesize(mel, sigma=0.7, noise=noise)
+        torch.testing.assert_close(synth(mel, noise), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,168 @@
+"""approxmatch EMD (the EMD of PointFlow's table) as fused Triton kernels, for CUDA.
+
+Same algorithm and level schedule as :func:`apps.pointflow.metrics.emd_approxmatch` (which documents it), but the
+(B, N, M) kernel matrix ``K = exp(level * |ref_k - x_l|^2)`` is never stored: each pass recomputes its block of
+distances from the coordinates in registers, so a pair costs O(N + M) memory and the work is bound by the
+exponentials, not by memory traffic. Per level, three passes over the pairs of points:
+
+    row pass 1:  ratio_L = remain_L / (1e-9 + K remain_R)
+    column pass: s_R = (K^T ratio_L) * remain_R;  ratio_R = min(remain_R / (s_R + 1e-9), 1) * remain_R;
+                 remain_R = max(remain_R - s_R, 0)
+    row pass 2:  remain_L = max(remain_L - ratio_L * (K ratio_R), 0);  cost += ratio_L . ((K * d) ratio_R)
+
+The cost is accumulated per (pair, row block) in fixed order, so results are deterministic. Agreement with the
+torch version is to float32 rounding (the kernels use the GPU's fast exponential, as ``approxmatch.cu``).
+
+Triton is not a dependency of flowsuite: it ships with CUDA builds of PyTorch. :func:`available` says whether this
+path can run; with ``TRITON_INTERPRET=1`` the kernels also run (slowly) on CPU tensors, which is how the tests check
+them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton comes with CUDA builds of torch; CPU-only installs have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+__all__ = ["available", "emd_approxmatch_triton"]
+
+BLOCK_K = 64  # rows (ref points) per program
+BLOCK_L = 128  # columns (x points) per loop step
+
+
+def available(device: torch.device | None = None) -> bool:
+    """Whether the Triton path can run on ``device`` (CUDA with Triton, or any device under ``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return device is not None and device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_pass(
+        ref_ptr,  # (B, N, 3) float32
+        x_ptr,  # (B, M, 3) float32
+        vec_r_ptr,  # (B, M): remain_R (first pass) or ratio_R (second pass)
+        remain_l_ptr,  # (B, N), read (first pass) or updated (second pass)
+        ratio_l_ptr,  # (B, N), written (first pass) or read (second pass)
+        cost_ptr,  # (B, NUM_ROW_BLOCKS): this block's share of the cost, accumulated over the levels
+        n: tl.constexpr,  # sizes are compile-time: one kernel per cloud size (2,048 in the tables)
+        m: tl.constexpr,
+        level,
+        num_row_blocks: tl.constexpr,
+        SECOND: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        kb = tl.program_id(1)
+        ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = ks < n
+        ref = ref_ptr + b * n * 3 + ks * 3
+        rx = tl.load(ref, mask=kmask, other=0.0)
+        ry = tl.load(ref + 1, mask=kmask, other=0.0)
+        rz = tl.load(ref + 2, mask=kmask, other=0.0)
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc_d = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for l0 in range(0, m, BLOCK_L):
+            ls = l0 + tl.arange(0, BLOCK_L)
+            lmask = ls < m
+            xs = x_ptr + b * m * 3 + ls * 3
+            xx = tl.load(xs, mask=lmask, other=0.0)
+            xy = tl.load(xs + 1, mask=lmask, other=0.0)
+            xz = tl.load(xs + 2, mask=lmask, other=0.0)
+            v = tl.load(vec_r_ptr + b * m + ls, mask=lmask, other=0.0)  # 0 past the end: no contribution
+            dx = rx[:, None] - xx[None, :]
+            dy = ry[:, None] - xy[None, :]
+            dz = rz[:, None] - xz[None, :]
+            d2 = dx * dx + dy * dy + dz * dz  # (BLOCK_K, BLOCK_L)
+            w = tl.exp(d2 * level) * v[None, :]
+            acc += tl.sum(w, axis=1)
+            if SECOND:
+                acc_d += tl.sum(w * tl.sqrt(d2), axis=1)
+        if SECOND:
+            ratio_l = tl.load(ratio_l_ptr + b * n + ks, mask=kmask, other=0.0)
+            remain_l = tl.load(remain_l_ptr + b * n + ks, mask=kmask, other=0.0)
+            tl.store(remain_l_ptr + b * n + ks, tl.maximum(remain_l - ratio_l * acc, 0.0), mask=kmask)
+            slot = cost_ptr + b * num_row_blocks + kb
+            tl.store(slot, tl.load(slot) + tl.sum(ratio_l * acc_d, axis=0))
+        else:
+            remain_l = tl.load(remain_l_ptr + b * n + ks, mask=kmask, other=0.0)
+            tl.store(ratio_l_ptr + b * n + ks, remain_l / (acc + 1e-9), mask=kmask)
+
+    @triton.jit
+    def _column_pass(
+        ref_ptr,  # (B, N, 3) float32
+        x_ptr,  # (B, M, 3) float32
+        ratio_l_ptr,  # (B, N), read
+        remain_r_ptr,  # (B, M), updated
+        ratio_r_ptr,  # (B, M), written
+        n: tl.constexpr,
+        m: tl.constexpr,
+        level,
+        BLOCK_K: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        lb = tl.program_id(1)
+        ls = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+        lmask = ls < m
+        xs = x_ptr + b * m * 3 + ls * 3
+        xx = tl.load(xs, mask=lmask, other=0.0)
+        xy = tl.load(xs + 1, mask=lmask, other=0.0)
+        xz = tl.load(xs + 2, mask=lmask, other=0.0)
+        acc = tl.zeros((BLOCK_L,), dtype=tl.float32)
+        for k0 in range(0, n, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < n
+            ref = ref_ptr + b * n * 3 + ks * 3
+            rx = tl.load(ref, mask=kmask, other=0.0)
+            ry = tl.load(ref + 1, mask=kmask, other=0.0)
+            rz = tl.load(ref + 2, mask=kmask, other=0.0)
+            rl = tl.load(ratio_l_ptr + b * n + ks, mask=kmask, other=0.0)
+            dx = rx[:, None] - xx[None, :]
+            dy = ry[:, None] - xy[None, :]
+            dz = rz[:, None] - xz[None, :]
+            d2 = dx * dx + dy * dy + dz * dz  # (BLOCK_K, BLOCK_L)
+            acc += tl.sum(tl.exp(d2 * level) * rl[:, None], axis=0)
+        remain_r = tl.load(remain_r_ptr + b * m + ls, mask=lmask, other=0.0)
+        s_r = acc * remain_r
+        tl.store(ratio_r_ptr + b * m + ls, tl.minimum(remain_r / (s_r + 1e-9), 1.0) * remain_r, mask=lmask)
+        tl.store(remain_r_ptr + b * m + ls, tl.maximum(remain_r - s_r, 0.0), mask=lmask)
+
+
+def emd_approxmatch_triton(ref: Tensor, x: Tensor, levels: tuple[float, ...]) -> Tensor:
+    """approxmatch's match cost / N per pair: ref (B, N, 3), x (B, N, 3) float32 -> (B,) float32.
+
+    ``levels`` is the schedule (``metrics._APPROXMATCH_LEVELS``). The caller checks shapes and equal sizes."""
+    if triton is None:
+        raise RuntimeError("emd_approxmatch_triton needs Triton (it comes with CUDA builds of PyTorch)")
+    if ref.dtype != torch.float32 or x.dtype != torch.float32 or ref.shape[-1] != 3 or x.shape[-1] != 3:
+        raise ValueError(f"emd_approxmatch_triton takes float32 (B, N, 3) clouds, got {ref.dtype} {tuple(ref.shape)}")
+    ref, x = ref.contiguous(), x.contiguous()
+    B, n, m = ref.shape[0], ref.shape[1], x.shape[1]
+    if B == 0 or n == 0:
+        return ref.new_zeros(B)
+    row_blocks, col_blocks = triton.cdiv(n, BLOCK_K), triton.cdiv(m, BLOCK_L)
+    remain_l = ref.new_full((B, n), float(max(m // n, 1)) if n < m else 1.0)
+    remain_r = ref.new_full((B, m), float(n // max(m, 1)) if n >= m else 1.0)
+    ratio_l, ratio_r = torch.empty_like(remain_l), torch.empty_like(remain_r)
+    cost = ref.new_zeros((B, row_blocks))
+    for level in levels:
+        common = dict(BLOCK_K=BLOCK_K, BLOCK_L=BLOCK_L)
+        _row_pass[(B, row_blocks)](ref, x, remain_r, remain_l, ratio_l, cost, n, m, level, row_blocks,
+                                   SECOND=False, **common)  # fmt: skip
+        _column_pass[(B, col_blocks)](ref, x, ratio_l, remain_r, ratio_r, n, m, level, **common)
+        _row_pass[(B, row_blocks)](ref, x, ratio_r, remain_l, ratio_l, cost, n, m, level, row_blocks,
+                                   SECOND=True, **common)  # fmt: skip
+    return cost.sum(1) / n
