@@ -54,6 +54,10 @@ def graph_smiles(g: MolGraph, vocab: AtomVocab) -> tuple[str, bool]:
         return "*", False
 
 
+class MinAtomsError(RuntimeError):
+    """Sampling gave up: nearly every molecule the model generated was under ``min_atoms`` heavy atoms."""
+
+
 def generate_smiles(
     model, n: int, batch_size: int, temperature: float, valency_check: bool, desc: str, min_atoms: int = 1
 ) -> tuple:
@@ -79,7 +83,7 @@ def generate_smiles(
                 valid.append(ok)
                 bar.update(1)
             if rejected > 100 * max(n, batch_size):
-                raise RuntimeError(
+                raise MinAtomsError(
                     f"min_atoms={min_atoms}: {rejected} molecules rejected for size against {len(smiles)} kept; "
                     "the model rarely generates molecules that large (lower min_atoms)"
                 )
@@ -94,9 +98,14 @@ def train(cfg: DictConfig) -> dict:
     if result.trainer.is_global_zero and n:
         model = result.module.cpu().eval().eval_model.eval()
         torch.manual_seed(cfg.seed)
-        smiles, valid, _, _ = generate_smiles(
-            model, n, 256, cfg.module.temperature, True, "sampling", min(cfg.min_atoms, model.max_atoms)
-        )  # fmt: skip
+        min_atoms = min(cfg.min_atoms, model.max_atoms)
+        try:
+            smiles, valid, _, _ = generate_smiles(model, n, 256, cfg.module.temperature, True, "sampling", min_atoms)
+        except MinAtomsError as err:  # a short run's model: the preview must not fail the finished training
+            log.warning("%s; the samples after training keep every size (min_atoms=1)", err)
+            min_atoms = 1
+            smiles, valid, _, _ = generate_smiles(model, n, 256, cfg.module.temperature, True, "sampling", 1)
+        result.metrics["samples/min_atoms"] = min_atoms
         _write_smiles(result.output_dir / "samples.smi", smiles)
         draw_grid([s for s, v in zip(smiles, valid) if v][:32], result.output_dir / "samples.png")
         m = generation_metrics([s if v else None for s, v in zip(smiles, valid)], result.datamodule.reference_smiles)

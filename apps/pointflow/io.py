@@ -158,12 +158,18 @@ def read_cloud_set(source: str | Path, points: int | None = None, seed: int = 0)
 
 
 def write_ply(path: str | Path, points: np.ndarray) -> Path:
-    """Write an (N, 3) cloud as binary PLY (open3d)."""
-    import open3d as o3d
-
+    """Write an (N, 3) cloud as binary little-endian PLY, float32 x, y, z (what open3d, MeshLab and Blender read).
+    Written directly, so that sampling needs no open3d (a GPU server often lacks its OpenGL libraries)."""
+    pts = np.ascontiguousarray(points, dtype="<f4")
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"write_ply {path}: expected an (N, 3) cloud, got shape {pts.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
-    if not o3d.io.write_point_cloud(str(path), pc):
-        raise OSError(f"open3d could not write {path}")
+    header = (
+        f"ply\nformat binary_little_endian 1.0\nelement vertex {len(pts)}\n"
+        "property float x\nproperty float y\nproperty float z\nend_header\n"
+    )
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(pts.tobytes())
     return path

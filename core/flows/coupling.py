@@ -90,7 +90,10 @@ class _Coupling(Flow):
                 raise ValueError(f"coupling: expected {self.mask.numel()} features on dim 1, got {tuple(x.shape)}")
             params = self._params(x.index_select(1, self.identity_idx), context)
             y, ld = fn(x.index_select(1, self.transform_idx), params)
-            return x.index_copy(1, self.transform_idx, y), sum_except_batch(ld)
+            # under autocast the map can come back wider than x (exp runs in float32): the flow's state takes the
+            # wider dtype, never a rounded one
+            dtype = torch.promote_types(x.dtype, y.dtype)
+            return x.to(dtype).index_copy(1, self.transform_idx, y.to(dtype)), sum_except_batch(ld)
         mask = self.mask.to(x.dtype)
         x_identity = x * mask
         params = self._params(x_identity, context)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from core.flows import (
+    AdditiveCoupling,
     AffineCoupling,
     ConditionalAffine,
     MaskedAffineAutoregressive,
@@ -123,3 +124,30 @@ def test_stacked_conditional_affine_is_the_sequential_inverse(hidden: tuple, sca
         torch.testing.assert_close(log_scale[:, k], s)
     with torch.no_grad():
         torch.testing.assert_close(stacked.inverse(z, shift, log_scale), Sequential(layers).inverse(z, c)[0])
+
+
+class _Float32Params(torch.nn.Module):
+    """A conditioner whose output is float32 whatever its input: what autocast does to a coupling's scale, whose
+    exp runs in float32 while the flow's state arrives in bfloat16."""
+
+    def __init__(self, features_in: int, features_out: int) -> None:
+        super().__init__()
+        self.net = MLP(features_in, features_out, hidden=(8,)).float()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x.float())
+
+
+@pytest.mark.parametrize("layer_cls", [AffineCoupling, AdditiveCoupling])
+def test_coupling_of_a_half_precision_state_with_float32_parameters_widens_it(layer_cls):
+    torch.manual_seed(0)
+    n_params = 2 if layer_cls is AffineCoupling else 1
+    layer = layer_cls(half_mask(4), _Float32Params(2, 2 * n_params))
+    x16 = torch.randn(5, 4).bfloat16()
+    z, logdet = layer(x16)  # bf16 state, float32 parameters: index_copy needs one dtype
+    assert z.dtype == torch.float32
+    z32, logdet32 = layer(x16.float())  # the same values in float32 give the same result
+    torch.testing.assert_close(z, z32)
+    torch.testing.assert_close(logdet.float(), logdet32)  # (additive: zeros in the state's dtype)
+    x_back, _ = layer.inverse(z)
+    torch.testing.assert_close(x_back, x16.float(), rtol=1e-5, atol=1e-5)

@@ -140,3 +140,28 @@ def test_ddp_two_cpu_processes(qm9_small, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["global_step"] == 5  # 270 molecules / (32 per batch x 2 ranks), rounded up
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_short_runs_preview_samples_never_fail_the_finished_training(qm9_small, tmp_path, monkeypatch):
+    """The samples after training are a preview: when the model makes almost only molecules under min_atoms (a
+    short run), they keep every size instead of failing a training that has finished and saved its checkpoint."""
+    import apps.graphaf.commands as commands
+
+    real = commands.generate_smiles
+    asked: list[int] = []
+
+    def picky(model, n, batch_size, temperature, valency_check, desc, min_atoms=1):
+        asked.append(min_atoms)
+        if min_atoms > 1:
+            raise commands.MinAtomsError(f"min_atoms={min_atoms}: 25600 molecules rejected for size against 0 kept")
+        return real(model, n, batch_size, temperature, valency_check, desc, min_atoms)
+
+    monkeypatch.setattr(commands, "generate_smiles", picky)
+    cfg = small_config(
+        "graphaf", tmp_path, *TINY, *data_overrides(qm9_small), "trainer.max_steps=2", "module.sample_every_n_epochs=0",
+        "samples_after_fit=4", "min_atoms=7", "callbacks.step_checkpoint=null",
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert asked == [7, 1] and metrics["samples/min_atoms"] == 1
+    assert len((tmp_path / "samples.smi").read_text().split()) == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["samples/min_atoms"] == 1
