@@ -10,7 +10,7 @@ exponentials, not by memory traffic. Per level, three passes over the pairs of p
                  remain_R = max(remain_R - s_R, 0)
     row pass 2:  remain_L = max(remain_L - ratio_L * (K ratio_R), 0);  cost += ratio_L . ((K * d) ratio_R)
 
-The cost is accumulated per (pair, row block) in fixed order, so results are deterministic. Agreement with the
+The cost is accumulated per (pair, row block) in a fixed order, so a call is deterministic. Agreement with the
 torch version is to float32 rounding (the kernels use the GPU's fast exponential, as ``approxmatch.cu``).
 
 Triton is not a dependency of flowsuite: it ships with CUDA builds of PyTorch. :func:`available` says whether this
@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = ["available", "emd_approxmatch_triton"]
 
-BLOCK_K = 64  # rows (ref points) per program
-BLOCK_L = 128  # columns (x points) per loop step
+MIN_BLOCK = 32  # the smallest tile side of the configurations below
+_LOG2_E = 1.4426950408889634
 
 
 def available(device: torch.device | None = None) -> bool:
@@ -47,6 +47,12 @@ def available(device: torch.device | None = None) -> bool:
 
 
 if triton is not None:
+    # Tile shapes and warps, timed and chosen on the first call per cloud size and amount of work (the passes update
+    # their inputs in place, so the tuner restores them after each trial).
+    _CONFIGS = [
+        triton.Config({"BLOCK_K": bk, "BLOCK_L": bl}, num_warps=w)
+        for bk, bl, w in ((64, 128, 8), (64, 64, 4), (128, 64, 8), (32, 128, 4))
+    ]
 
     @triton.jit
     def _row_pass(
@@ -55,11 +61,12 @@ if triton is not None:
         vec_r_ptr,  # (B, M): remain_R (first pass) or ratio_R (second pass)
         remain_l_ptr,  # (B, N), read (first pass) or updated (second pass)
         ratio_l_ptr,  # (B, N), written (first pass) or read (second pass)
-        cost_ptr,  # (B, NUM_ROW_BLOCKS): this block's share of the cost, accumulated over the levels
+        cost_ptr,  # (B, cost_stride): per row block, its share of the cost, accumulated over the levels
+        cost_stride,
+        pairs_bucket,  # B rounded up to a power of two: the tuner's key (tiles are chosen per size of work)
         n: tl.constexpr,  # sizes are compile-time: one kernel per cloud size (2,048 in the tables)
         m: tl.constexpr,
-        level,
-        num_row_blocks: tl.constexpr,
+        scale,  # level * log2(e): exp(level d2) = exp2(scale d2)
         SECOND: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_L: tl.constexpr,
@@ -72,8 +79,9 @@ if triton is not None:
         rx = tl.load(ref, mask=kmask, other=0.0)
         ry = tl.load(ref + 1, mask=kmask, other=0.0)
         rz = tl.load(ref + 2, mask=kmask, other=0.0)
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        acc_d = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        # element-wise accumulators, reduced once after the loop (no cross-thread sums inside it)
+        acc = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
+        acc_d = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
         for l0 in range(0, m, BLOCK_L):
             ls = l0 + tl.arange(0, BLOCK_L)
             lmask = ls < m
@@ -86,19 +94,20 @@ if triton is not None:
             dy = ry[:, None] - xy[None, :]
             dz = rz[:, None] - xz[None, :]
             d2 = dx * dx + dy * dy + dz * dz  # (BLOCK_K, BLOCK_L)
-            w = tl.exp(d2 * level) * v[None, :]
-            acc += tl.sum(w, axis=1)
+            w = tl.exp2(d2 * scale) * v[None, :]
+            acc += w
             if SECOND:
-                acc_d += tl.sum(w * tl.sqrt(d2), axis=1)
+                acc_d += w * tl.sqrt(d2)
+        row = tl.sum(acc, axis=1)
         if SECOND:
             ratio_l = tl.load(ratio_l_ptr + b * n + ks, mask=kmask, other=0.0)
             remain_l = tl.load(remain_l_ptr + b * n + ks, mask=kmask, other=0.0)
-            tl.store(remain_l_ptr + b * n + ks, tl.maximum(remain_l - ratio_l * acc, 0.0), mask=kmask)
-            slot = cost_ptr + b * num_row_blocks + kb
-            tl.store(slot, tl.load(slot) + tl.sum(ratio_l * acc_d, axis=0))
+            tl.store(remain_l_ptr + b * n + ks, tl.maximum(remain_l - ratio_l * row, 0.0), mask=kmask)
+            slot = cost_ptr + b * cost_stride + kb
+            tl.store(slot, tl.load(slot) + tl.sum(ratio_l * tl.sum(acc_d, axis=1), axis=0))
         else:
             remain_l = tl.load(remain_l_ptr + b * n + ks, mask=kmask, other=0.0)
-            tl.store(ratio_l_ptr + b * n + ks, remain_l / (acc + 1e-9), mask=kmask)
+            tl.store(ratio_l_ptr + b * n + ks, remain_l / (row + 1e-9), mask=kmask)
 
     @triton.jit
     def _column_pass(
@@ -107,9 +116,10 @@ if triton is not None:
         ratio_l_ptr,  # (B, N), read
         remain_r_ptr,  # (B, M), updated
         ratio_r_ptr,  # (B, M), written
+        pairs_bucket,
         n: tl.constexpr,
         m: tl.constexpr,
-        level,
+        scale,
         BLOCK_K: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
@@ -121,7 +131,7 @@ if triton is not None:
         xx = tl.load(xs, mask=lmask, other=0.0)
         xy = tl.load(xs + 1, mask=lmask, other=0.0)
         xz = tl.load(xs + 2, mask=lmask, other=0.0)
-        acc = tl.zeros((BLOCK_L,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
         for k0 in range(0, n, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < n
@@ -134,11 +144,23 @@ if triton is not None:
             dy = ry[:, None] - xy[None, :]
             dz = rz[:, None] - xz[None, :]
             d2 = dx * dx + dy * dy + dz * dz  # (BLOCK_K, BLOCK_L)
-            acc += tl.sum(tl.exp(d2 * level) * rl[:, None], axis=0)
+            acc += tl.exp2(d2 * scale) * rl[:, None]
+        col = tl.sum(acc, axis=0)
         remain_r = tl.load(remain_r_ptr + b * m + ls, mask=lmask, other=0.0)
-        s_r = acc * remain_r
+        s_r = col * remain_r
         tl.store(ratio_r_ptr + b * m + ls, tl.minimum(remain_r / (s_r + 1e-9), 1.0) * remain_r, mask=lmask)
         tl.store(remain_r_ptr + b * m + ls, tl.maximum(remain_r - s_r, 0.0), mask=lmask)
+
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configurations: the first one
+        _row_tuned, _column_tuned, _FIXED = _row_pass, _column_pass, _CONFIGS[0].kwargs
+    else:
+        _row_tuned = triton.autotune(
+            _CONFIGS, key=["pairs_bucket", "n", "m", "SECOND"], restore_value=["remain_l_ptr", "cost_ptr"]
+        )(_row_pass)
+        _column_tuned = triton.autotune(_CONFIGS, key=["pairs_bucket", "n", "m"], restore_value=["remain_r_ptr"])(
+            _column_pass
+        )
+        _FIXED = {}
 
 
 def emd_approxmatch_triton(ref: Tensor, x: Tensor, levels: tuple[float, ...]) -> Tensor:
@@ -153,16 +175,24 @@ def emd_approxmatch_triton(ref: Tensor, x: Tensor, levels: tuple[float, ...]) ->
     B, n, m = ref.shape[0], ref.shape[1], x.shape[1]
     if B == 0 or n == 0:
         return ref.new_zeros(B)
-    row_blocks, col_blocks = triton.cdiv(n, BLOCK_K), triton.cdiv(m, BLOCK_L)
     remain_l = ref.new_full((B, n), float(max(m // n, 1)) if n < m else 1.0)
     remain_r = ref.new_full((B, m), float(n // max(m, 1)) if n >= m else 1.0)
     ratio_l, ratio_r = torch.empty_like(remain_l), torch.empty_like(remain_r)
-    cost = ref.new_zeros((B, row_blocks))
+    cost_stride = triton.cdiv(n, MIN_BLOCK)  # one slot per row block of any tile shape
+    cost = ref.new_zeros((B, cost_stride))
+
+    def rows(meta: dict) -> tuple[int, int]:
+        return (B, triton.cdiv(n, meta["BLOCK_K"]))
+
+    def cols(meta: dict) -> tuple[int, int]:
+        return (B, triton.cdiv(m, meta["BLOCK_L"]))
+
+    bucket = min(1 << (B - 1).bit_length(), 1 << 16)
     for level in levels:
-        common = dict(BLOCK_K=BLOCK_K, BLOCK_L=BLOCK_L)
-        _row_pass[(B, row_blocks)](ref, x, remain_r, remain_l, ratio_l, cost, n, m, level, row_blocks,
-                                   SECOND=False, **common)  # fmt: skip
-        _column_pass[(B, col_blocks)](ref, x, ratio_l, remain_r, ratio_r, n, m, level, **common)
-        _row_pass[(B, row_blocks)](ref, x, ratio_r, remain_l, ratio_l, cost, n, m, level, row_blocks,
-                                   SECOND=True, **common)  # fmt: skip
+        scale = level * _LOG2_E
+        row_args = (ref, x, remain_r, remain_l, ratio_l, cost, cost_stride, bucket, n, m, scale)
+        _row_tuned[rows](*row_args, SECOND=False, **_FIXED)
+        _column_tuned[cols](ref, x, ratio_l, remain_r, ratio_r, bucket, n, m, scale, **_FIXED)
+        _row_tuned[rows](ref, x, ratio_r, remain_l, ratio_l, cost, cost_stride, bucket, n, m, scale, SECOND=True,
+                         **_FIXED)  # fmt: skip
     return cost.sum(1) / n
