@@ -117,6 +117,36 @@ def port_synthesis(path: Path, channels: int, frames: int, batch: int, layers: i
     return run, batch * samples / SR, info
 
 
+def profile_synthesis(channels: int, device: str, dtype: torch.dtype, frames: int, batch: int, layers: int = 8,
+                      flows: int = 8, top: int = 15) -> list[dict]:  # fmt: skip
+    """Where one synthesis spends its time: the ``top`` kernels (or CPU ops) by total self time, with counts, and a
+    summary row of all kernels' time beside the call's wall time (kernel time < wall time: launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = prepare_for_inference(our_model(channels, layers, flows), torch.device(device), dtype)
+    mel = torch.randn(batch, 80, frames, device=device) - 5.0
+    timed_synthesis(model, mel, 1.0)  # warm-up: plans, allocator
+    on_gpu = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        wall = timed_synthesis(model, mel, 1.0)[1]
+    attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if on_gpu:  # kernels only (CPU-side ops also carry device time of the kernels they launch)
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total_us = sum(getattr(e, attr) for e in events)
+    rows = [{"what": "profile", "kernel": "(all kernels)" if on_gpu else "(all ops)",
+             "calls": sum(e.count for e in events), "total_ms": total_us / 1e3, "wall_ms": wall * 1e3, "batch": batch,
+             "precision": str(dtype)}]  # fmt: skip
+    for e in events[:top]:
+        t = getattr(e, attr)
+        rows.append({"what": "profile", "kernel": e.key[:90], "calls": e.count, "total_ms": t / 1e3,
+                     "avg_us": t / max(e.count, 1), "share": t / max(total_us, 1e-9), "batch": batch,
+                     "precision": str(dtype)})  # fmt: skip
+    return rows
+
+
 # ---- training -------------------------------------------------------------------------------------------------
 def our_training(channels: int, device: str, batch: int, segment: int, layers: int = 8, flows: int = 8,
                  bf16: bool = False) -> tuple[Callable[[], float], dict]:  # fmt: skip
@@ -188,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-synthesis", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, help="write the rows here (a JSON list)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one synthesis per batch size (GPU: fp16 kernels; CPU: fp32 ops)")  # fmt: skip
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,6 +307,20 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['vs_port']:.2f}x" if "vs_port" in r else "-",
         )  # fmt: skip
     Console(width=180).print(table)
+    if args.profile:
+        for batch in batches:
+            dtype = torch.float16 if device == "cuda" else torch.float32
+            prof = profile_synthesis(channels_list[0], device, dtype, frames, batch, layers, flows)
+            ptable = Table(title=f"Profile of one synthesis, {prof[0]['precision']}, batch {batch}, "
+                                 f"{channels_list[0]} channels: wall {prof[0]['wall_ms']:.1f} ms")  # fmt: skip
+            for col in ("kernel" if device == "cuda" else "op", "calls", "total (ms)", "avg (us)", "share"):
+                ptable.add_column(col, justify="left" if col in ("kernel", "op") else "right")
+            for r in prof:
+                ptable.add_row(r["kernel"], str(r["calls"]), f"{r['total_ms']:.2f}",
+                               f"{r['avg_us']:.1f}" if "avg_us" in r else "-",
+                               f"{100 * r['share']:.1f} %" if "share" in r else "-")  # fmt: skip
+            Console(width=180).print(ptable)
+            rows += prof
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

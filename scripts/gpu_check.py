@@ -206,7 +206,12 @@ def _bench_checks(device: str, quick: bool) -> list[Check]:
     return [
         Check(
             "waveflow/bench-synthesis",
-            ["scripts.bench_waveflow", *d, *q, *(["--channels", "64", "--batches", "1", "8"] if on_gpu else [])],
+            [
+                "scripts.bench_waveflow",
+                *d,
+                *q,
+                *(["--channels", "64", "--batches", "1", "8", "--profile"] if on_gpu else []),
+            ],
             120,
             _rows({"what": "synthesis", "channels": "64", "batch": "1"}, "x_realtime", "x real time (best)", max)
             if on_gpu
