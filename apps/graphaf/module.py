@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,22 @@ from apps.graphaf.metrics import generation_metrics
 from core.training import FlowModule
 from core.training.media import log_image, log_table
 
+log = logging.getLogger(__name__)
+
 __all__ = ["GraphAFModule", "draw_grid"]
 
 
 def draw_grid(smiles: list[str | None], path: Path, per_row: int = 8, legends: list[str] | None = None) -> Path | None:
-    """A PNG grid of molecules (RDKit drawing); invalid ones are left out. Returns the path or None if none."""
+    """A PNG grid of molecules (RDKit drawing); invalid ones are left out. Returns the path, or None if there is no
+    valid molecule or RDKit's drawing cannot load (it needs the system's libXrender: a warning says so; the SMILES
+    files are what counts and are written regardless)."""
     from rdkit import Chem
-    from rdkit.Chem import Draw
+
+    try:
+        from rdkit.Chem import Draw
+    except ImportError as err:
+        log.warning("no molecule grid %s: RDKit's drawing did not load (%s; apt install libxrender1)", path, err)
+        return None
 
     mols, names = [], []
     for k, s in enumerate(smiles):

@@ -35,10 +35,16 @@ def _restore(cfg: DictConfig):
 def _write_videos(out: Path, name: str, context: np.ndarray, futures: np.ndarray, truth: np.ndarray | None, fps: float):
     """``context`` (K, C, H, W), ``futures`` (S, T, C, H, W): one GIF and MP4 per sample, one PNG strip."""
     scale = max(1, 128 // context.shape[-1])
+    mp4 = True
     for s, fut in enumerate(futures):
         video = np.concatenate([context, fut])
         write_gif(out / f"{name}_sample{s}.gif", video, fps, scale)
-        write_mp4(out / f"{name}_sample{s}.mp4", video, fps, scale)
+        if mp4:
+            try:
+                write_mp4(out / f"{name}_sample{s}.mp4", video, fps, scale)
+            except RuntimeError as err:  # no ffmpeg plugin: the GIFs and the strip carry the same frames
+                log.warning("%s; writing GIFs and the PNG strip only", err)
+                mp4 = False
     rows = ([truth] if truth is not None else []) + [np.concatenate([context, f]) for f in futures]
     write_strip(out / f"{name}.png", rows, scale=scale)
 

@@ -39,9 +39,13 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 4.0, scale: int
     """An H.264 MP4 of (T, C, H, W) uint8 frames (imageio's ffmpeg plugin; sides padded to even sizes by it)."""
     import imageio.v2 as iio2
 
+    try:
+        import imageio_ffmpeg  # noqa: F401  (imageio would otherwise pick another plugin and fail obscurely)
+    except ImportError as err:
+        raise RuntimeError(f"write_mp4 {path}: needs the ffmpeg plugin (pip install imageio-ffmpeg)") from err
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with iio2.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=16) as w:
+    with iio2.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=16) as w:
         for f in to_hwc(frames, scale):
             w.append_data(f)
     return path

@@ -125,6 +125,21 @@ def test_video_files_are_read_and_cut(tmp_path, writer):
     assert ctx.shape == (3, 2, 1, 16, 16) and names == ["v0", "v1", "v2"]
 
 
+def test_without_the_ffmpeg_plugin_predictions_are_gifs_and_a_strip_with_a_warning(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from apps.videoflow.commands import _write_videos
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # what an install without imageio-ffmpeg sees
+    with pytest.raises(RuntimeError, match=r"v\.mp4: needs the ffmpeg plugin \(pip install imageio-ffmpeg\)"):
+        write_mp4(tmp_path / "v.mp4", _video())
+    video = _video()
+    with caplog.at_level("WARNING"):
+        _write_videos(tmp_path, "clip", video[:2], np.stack([video[2:5], video[5:8]]), None, fps=4.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.png", "clip_sample0.gif", "clip_sample1.gif"]
+    assert sum("writing GIFs and the PNG strip only" in r.message for r in caplog.records) == 1
+
+
 def test_short_video_file_is_named(tmp_path):
     write_gif(tmp_path / "short.gif", _video(3))
     dm = VideoDataModule("videos", path=str(tmp_path / "short.gif"), size=16, channels=3, context_frames=3,
