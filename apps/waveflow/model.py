@@ -358,7 +358,8 @@ class RowStepper:
         """(log_s, t), each (B, W), of input row ``j`` (B, W) (``j`` = the number of earlier calls)."""
         C, j, n = self.C, self.j, len(self.blocks)
         self.j += 1
-        conds = _pointwise(self.w_cond, self.b_cond, context_row) if self.w_cond is not None else self.b_cond
+        fresh = self.w_cond is not None  # else conds is the shared bias, broadcast: never written
+        conds = _pointwise(self.w_cond, self.b_cond, context_row) if fresh else self.b_cond
         ring, P = self.rings[0], self.blocks[0][0].pad_h + 1
         h = torch.addcmul(self.b_start, self.w_start, x_row[:, None], out=ring[:, j % P])  # (B, C, W) in the ring
         skip = None
@@ -367,7 +368,8 @@ class RowStepper:
             ring[:, j % P + P].copy_(h)  # the second copy: rows j - pad .. j are one slice
             s = (j + 1) % P
             window = ring[:, s : s + P : b.dh].flatten(1, 2)  # (B, k C, W), oldest row first; a view for dh = 1
-            a = _conv_width(w3, b.dw, window, conds[:, i * 2 * C : (i + 1) * 2 * C])  # (B, 2C, W), mel included
+            # (B, 2C, W), mel included; a fresh mel projection (this row's own) takes the GEMMs in place
+            a = _conv_width(w3, b.dw, window, conds[:, i * 2 * C : (i + 1) * 2 * C], in_place=fresh)
             a[:, :C].tanh_()
             a[:, C:].sigmoid_()
             rs = _pointwise(w_rs, b_rs, a[:, :C].mul_(a[:, C:]))  # (B, C + 2, W), (B, 2, W) for the last layer
@@ -379,15 +381,19 @@ class RowStepper:
         return out[:, 0], out[:, 1]
 
 
-def _conv_width(ws: list[Tensor], dilation: int, x: Tensor, init: Tensor) -> Tensor:
+def _conv_width(ws: list[Tensor], dilation: int, x: Tensor, init: Tensor, in_place: bool = False) -> Tensor:
     """``init`` + the 1-D convolution along width ("same" zero padding) of ``x`` (B, K, W) with the kernel columns
     ``ws`` (each (N, K)), as accumulating GEMMs on shifted views: no im2col copy, and the mel term is added by the
-    first GEMM (about 1.5x faster than oneDNN's dilated convolution + an add on one core)."""
+    first GEMM (about 1.5x faster than oneDNN's dilated convolution + an add on one core). ``in_place``: ``init``
+    (B, N, W) is a scratch tensor the GEMMs accumulate into (no copy of it into a new output)."""
     k, width = len(ws), x.shape[-1]
     centre = k // 2
     if x.shape[0] == 1:
         x0 = x[0]
-        a = torch.addmm(init[0] if init.dim() == 3 else init, ws[centre], x0)
+        if in_place:
+            a = init[0].addmm_(ws[centre], x0)
+        else:
+            a = torch.addmm(init[0] if init.dim() == 3 else init, ws[centre], x0)
         for col, w in enumerate(ws):
             d = (col - centre) * dilation  # out[:, t] += w @ x[:, t + d]
             if col == centre or abs(d) >= width:
@@ -398,7 +404,10 @@ def _conv_width(ws: list[Tensor], dilation: int, x: Tensor, init: Tensor) -> Ten
                 a[:, : width - d].addmm_(w, x0[:, d:])
         return a[None]
     batch = x.shape[0]
-    a = torch.baddbmm(init, ws[centre].expand(batch, -1, -1), x)
+    if in_place:
+        a = init.baddbmm_(ws[centre].expand(batch, -1, -1), x)
+    else:
+        a = torch.baddbmm(init, ws[centre].expand(batch, -1, -1), x)
     for col, w in enumerate(ws):
         d = (col - centre) * dilation
         if col == centre or abs(d) >= width:
