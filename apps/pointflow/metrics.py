@@ -26,8 +26,6 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from apps.pointflow import approxmatch_triton
-
 __all__ = [
     "chamfer_distance",
     "CHAMFER_METHODS",
@@ -215,7 +213,9 @@ def emd_approxmatch(ref: Tensor, x: Tensor, impl: str = "auto") -> Tensor:
     if n == 0:
         return ref.new_zeros(ref.shape[0])
     if impl == "triton" or (impl == "auto" and _use_triton_approxmatch(ref)):
-        return approxmatch_triton.emd_approxmatch_triton(ref.float(), x.float(), _APPROXMATCH_LEVELS)
+        from apps.pointflow.approxmatch_triton import emd_approxmatch_triton
+
+        return emd_approxmatch_triton(ref.float(), x.float(), _APPROXMATCH_LEVELS)
     d = _dist(ref, x)  # (B, N, N)
     d2 = d.square()
     cost = d.new_zeros(ref.shape[0])
@@ -226,10 +226,17 @@ def emd_approxmatch(ref: Tensor, x: Tensor, impl: str = "auto") -> Tensor:
     return cost / n
 
 
+def _triton_available(device: torch.device) -> bool:
+    """Whether the Triton approxmatch runs on ``device`` (imported only here: Triton is slow to import)."""
+    from apps.pointflow.approxmatch_triton import available
+
+    return available(device)
+
+
 def _use_triton_approxmatch(ref: Tensor) -> bool:
     """The fused Triton approxmatch serves float32 3-D clouds on CUDA devices, when Triton is installed."""
     fits = ref.is_cuda and ref.dtype == torch.float32 and ref.shape[-1] == 3
-    return fits and approxmatch_triton.available(ref.device)
+    return fits and _triton_available(ref.device)
 
 
 def emd_exact(x: Tensor, y: Tensor) -> Tensor:
@@ -344,7 +351,7 @@ def _pair_fn(metric: str):
 
 def _auto_batch(metric: str, n: int, m: int, device: torch.device) -> int:
     budget = _CUDA_BUDGET if device.type == "cuda" else _CPU_BUDGET
-    if metric == "emd_approxmatch" and device.type == "cuda" and approxmatch_triton.available(device):
+    if metric == "emd_approxmatch" and device.type == "cuda" and _triton_available(device):
         return max(1, int(budget // ((n + m) * 4 * 16)))  # fused kernels: a few (B, N) vectors and the clouds
     per_pair = max(1, n * m) * 4 * _COPIES[metric]
     return max(1, int(budget // per_pair))
