@@ -313,17 +313,18 @@ class RowStepper:
       a layer computes ``C + 2`` channels (residual + its share of ``(log_s, t)``) instead of ``2C``, and the skip sum
       is 2 channels wide;
     - the convolution biases join the mel projection's bias (one add per layer less);
-    - each layer keeps its last ``(k-1) d + 1`` input rows in a ring written twice (positions ``j`` and ``j + P``),
-      so the rows a kernel sees are one contiguous slice: for height dilation 1 the window is a free view, and the
-      3x3 convolution is a 1-D convolution over ``k C`` stacked channels, computed as ``k`` accumulating GEMMs on
-      shifted views (:func:`_conv_width`); rows live as (B, rows, C, W) so that a residual add writes straight
-      into the next layer's ring;
-    - the 1x1 projections are GEMMs with their bias; the gate runs in place.
+    - each layer keeps its input rows in a history (B, (k-1) d + rows, C, W), each row written once, below
+      ``(k-1) d`` zero rows (the causal padding), so the rows a kernel sees are one slice: for height dilation 1 the
+      window is a free view, and the 3x3 convolution is a 1-D convolution over ``k C`` stacked channels, computed
+      as ``k`` accumulating GEMMs on shifted views (:func:`_conv_width`) into this row's mel projection; a residual
+      add writes straight into the next layer's history;
+    - the 1x1 projections are GEMMs with their bias; the gate is two kernels (tanh in place, then GLU).
     Weights are read from the module at construction (never cached across calls, so it is never stale).
     """
 
-    def __init__(self, net: WaveNet2D, batch: int, width: int, like: Tensor) -> None:
+    def __init__(self, net: WaveNet2D, batch: int, width: int, like: Tensor, rows: int) -> None:
         C, L, k = net.channels, net.n_layers, net.blocks[0].k
+        self.rows = rows  # the most step calls this stepper serves
         self.C, self.k = C, k
         self.w_start = net.start.weight.reshape(C, 1)
         self.b_start = net.start.bias.reshape(C, 1)
@@ -350,33 +351,32 @@ class RowStepper:
             self.b_cond = net.cond.bias + bias
         else:
             self.w_cond, self.b_cond = None, bias.reshape(1, L * 2 * C, 1)
-        # rings: (B, 2P, C, W) per layer, zeros = the causal padding above the first row
-        self.rings = [like.new_zeros(batch, 2 * (b.pad_h + 1), C, width) for b in net.blocks]
+        # histories: (B, pad + rows, C, W) per layer; the first pad rows stay zero (the causal padding)
+        self.history = [like.new_zeros(batch, b.pad_h + rows, C, width) for b in net.blocks]
         self.j = 0
 
     def step(self, x_row: Tensor, context_row: Tensor | None) -> tuple[Tensor, Tensor]:
         """(log_s, t), each (B, W), of input row ``j`` (B, W) (``j`` = the number of earlier calls)."""
         C, j, n = self.C, self.j, len(self.blocks)
+        if j >= self.rows:
+            raise RuntimeError(f"RowStepper: built for {self.rows} rows, asked for row {j}")
         self.j += 1
         fresh = self.w_cond is not None  # else conds is the shared bias, broadcast: never written
         conds = _pointwise(self.w_cond, self.b_cond, context_row) if fresh else self.b_cond
-        ring, P = self.rings[0], self.blocks[0][0].pad_h + 1
-        h = torch.addcmul(self.b_start, self.w_start, x_row[:, None], out=ring[:, j % P])  # (B, C, W) in the ring
+        first = self.blocks[0][0]
+        h = torch.addcmul(self.b_start, self.w_start, x_row[:, None], out=self.history[0][:, first.pad_h + j])
         skip = None
         for i, (b, w3, w_rs, b_rs) in enumerate(self.blocks):
-            ring, P = self.rings[i], b.pad_h + 1
-            ring[:, j % P + P].copy_(h)  # the second copy: rows j - pad .. j are one slice
-            s = (j + 1) % P
-            window = ring[:, s : s + P : b.dh].flatten(1, 2)  # (B, k C, W), oldest row first; a view for dh = 1
+            window = self.history[i][:, j : j + b.pad_h + 1 : b.dh].flatten(1, 2)  # (B, k C, W), oldest row first
             # (B, 2C, W), mel included; a fresh mel projection (this row's own) takes the GEMMs in place
             a = _conv_width(w3, b.dw, window, conds[:, i * 2 * C : (i + 1) * 2 * C], in_place=fresh)
             a[:, :C].tanh_()
-            a[:, C:].sigmoid_()
-            rs = _pointwise(w_rs, b_rs, a[:, :C].mul_(a[:, C:]))  # (B, C + 2, W), (B, 2, W) for the last layer
+            gated = F.glu(a, dim=1)  # tanh(first half) * sigmoid(second half), (B, C, W)
+            rs = _pointwise(w_rs, b_rs, gated)  # (B, C + 2, W), (B, 2, W) for the last layer
             skip = rs[:, -2:] if skip is None else skip.add_(rs[:, -2:])
             if i + 1 < n:
-                nxt, P = self.rings[i + 1], self.blocks[i + 1][0].pad_h + 1
-                h = torch.add(h, rs[:, :C], out=nxt[:, j % P])
+                nxt = self.blocks[i + 1][0]
+                h = torch.add(h, rs[:, :C], out=self.history[i + 1][:, nxt.pad_h + j])
         out = skip + self.b_end
         return out[:, 0], out[:, 1]
 
@@ -524,7 +524,7 @@ class WaveFlowLayer(Flow):
         if z.dim() != 3 or z.shape[1] != self.height:
             raise ValueError(f"WaveFlowLayer: expected x of shape (B, {self.height}, W), got {tuple(z.shape)}")
         batch, height, width = z.shape
-        stepper = RowStepper(self.net, batch, width, z)
+        stepper = RowStepper(self.net, batch, width, z, rows=height - self.first)
         ctx = None if context is None else context.transpose(1, 2).contiguous()  # (B, h, C, W): row r = ctx[:, r]
         x = torch.empty_like(z)
         neg_log_s = z.new_zeros(batch)

@@ -182,8 +182,8 @@ def test_first_row_convention_and_row_steps(first_row, steps, monkeypatch):
 @pytest.mark.parametrize("first_row", ["copy", "transform"])
 @pytest.mark.parametrize("context_channels", [3, 0])
 def test_fast_stepper_equals_the_differentiable_step_and_the_naive_inverse(first_row, context_channels):
-    """The no-grad RowStepper (rings, folded output conv, GEMMs on shifted views, in-place gate) against the
-    list-cache step with autograd on, with height dilations 1, 2 and 4 (the strided ring path), a width dilation (8)
+    """The no-grad RowStepper (row histories, folded output conv, GEMMs on shifted views, tanh + GLU gate) against the
+    list-cache step with autograd on, with height dilations 1, 2 and 4 (strided windows), a width dilation (8)
     wider than the matrix (7 columns), a batch of 2 and a bipartite order; with and without a mel."""
     torch.manual_seed(0)
     layer = WaveFlowLayer(
