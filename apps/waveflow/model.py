@@ -310,15 +310,16 @@ class RowStepper:
     the weights rearranged once per call of :meth:`WaveFlowLayer.inverse` and every buffer preallocated.
 
     - the output 1x1 convolution is linear after the skip sum, so it is folded into every layer's skip projection:
-      a layer computes ``C + 2`` channels (residual + its share of ``(log_s, t)``) instead of ``2C``, and the skip sum
-      is 2 channels wide;
+      a layer's skip GEMM has 2 output channels (its share of ``(log_s, t)``) instead of ``C``, and accumulates in
+      place into the 2-channel sum, which starts at all the skip biases and the output bias together;
     - the convolution biases join the mel projection's bias (one add per layer less);
+    - the residual projection accumulates in place into the next layer's row, which starts as ``h`` + its bias;
     - each layer keeps its input rows in a history (B, (k-1) d + rows, C, W), each row written once, below
       ``(k-1) d`` zero rows (the causal padding), so the rows a kernel sees are one slice: for height dilation 1 the
       window is a free view, and the 3x3 convolution is a 1-D convolution over ``k C`` stacked channels, computed
       as ``k`` accumulating GEMMs on shifted views (:func:`_conv_width`) into this row's mel projection; a residual
       add writes straight into the next layer's history;
-    - the 1x1 projections are GEMMs with their bias; the gate is two kernels (tanh in place, then GLU).
+    - the gate is two kernels (tanh in place, then GLU).
     Weights are read from the module at construction (never cached across calls, so it is never stale).
     """
 
@@ -329,7 +330,7 @@ class RowStepper:
         self.w_start = net.start.weight.reshape(C, 1)
         self.b_start = net.start.bias.reshape(C, 1)
         w_end = net.end.weight.reshape(2, C)
-        b_end = net.end.bias.clone()
+        skip_bias = net.end.bias.clone()  # (2,): the output bias plus every layer's skip bias through it
         bias = []
         self.blocks = []
         for b in net.blocks:
@@ -337,14 +338,15 @@ class RowStepper:
             w3 = [w[..., col].permute(0, 2, 1).reshape(2 * C, k * C).contiguous() for col in range(k)]
             wo = b.out.weight.reshape(-1, C)
             bo = b.out.bias
-            if b.last:
-                w_rs, b_rs = w_end @ wo, w_end @ bo
+            if b.last:  # all skip
+                w_res, b_res, w_skip = None, None, w_end @ wo
+                skip_bias = skip_bias + w_end @ bo
             else:
-                w_rs = torch.cat([wo[:C], w_end @ wo[C:]])
-                b_rs = torch.cat([bo[:C], w_end @ bo[C:]])
-            self.blocks.append((b, w3, w_rs.contiguous(), b_rs.contiguous()))
+                w_res, b_res, w_skip = wo[:C].contiguous(), bo[:C].reshape(C, 1), w_end @ wo[C:]
+                skip_bias = skip_bias + w_end @ bo[C:]
+            self.blocks.append((b, w3, w_res, b_res, w_skip.contiguous()))
             bias.append(b.conv.bias)
-        self.b_end = b_end.reshape(1, 2, 1)
+        self.skip_bias = skip_bias.reshape(1, 2, 1)
         bias = torch.cat(bias)  # (L 2C,)
         if net.cond is not None:
             self.w_cond = net.cond.weight.reshape(L * 2 * C, -1)
@@ -365,20 +367,18 @@ class RowStepper:
         conds = _pointwise(self.w_cond, self.b_cond, context_row) if fresh else self.b_cond
         first = self.blocks[0][0]
         h = torch.addcmul(self.b_start, self.w_start, x_row[:, None], out=self.history[0][:, first.pad_h + j])
-        skip = None
-        for i, (b, w3, w_rs, b_rs) in enumerate(self.blocks):
+        skip = self.skip_bias.expand(x_row.shape[0], 2, x_row.shape[-1]).clone()  # (B, 2, W)
+        for i, (b, w3, w_res, b_res, w_skip) in enumerate(self.blocks):
             window = self.history[i][:, j : j + b.pad_h + 1 : b.dh].flatten(1, 2)  # (B, k C, W), oldest row first
             # (B, 2C, W), mel included; a fresh mel projection (this row's own) takes the GEMMs in place
             a = _conv_width(w3, b.dw, window, conds[:, i * 2 * C : (i + 1) * 2 * C], in_place=fresh)
             a[:, :C].tanh_()
             gated = F.glu(a, dim=1)  # tanh(first half) * sigmoid(second half), (B, C, W)
-            rs = _pointwise(w_rs, b_rs, gated)  # (B, C + 2, W), (B, 2, W) for the last layer
-            skip = rs[:, -2:] if skip is None else skip.add_(rs[:, -2:])
+            _gemm_into(skip, w_skip, gated)
             if i + 1 < n:
                 nxt = self.blocks[i + 1][0]
-                h = torch.add(h, rs[:, :C], out=self.history[i + 1][:, nxt.pad_h + j])
-        out = skip + self.b_end
-        return out[:, 0], out[:, 1]
+                h = _gemm_into(torch.add(h, b_res, out=self.history[i + 1][:, nxt.pad_h + j]), w_res, gated)
+        return skip[:, 0], skip[:, 1]
 
 
 def _conv_width(ws: list[Tensor], dilation: int, x: Tensor, init: Tensor, in_place: bool = False) -> Tensor:
@@ -418,6 +418,15 @@ def _conv_width(ws: list[Tensor], dilation: int, x: Tensor, init: Tensor, in_pla
         else:
             a[:, :, : width - d].baddbmm_(we, x[:, :, d:])
     return a
+
+
+def _gemm_into(out: Tensor, w: Tensor, x: Tensor) -> Tensor:
+    """``out += w @ x`` in place, batched: out (B, N, W), w (N, K), x (B, K, W); returns ``out``."""
+    if x.shape[0] == 1:
+        out[0].addmm_(w, x[0])
+    else:
+        out.baddbmm_(w.expand(x.shape[0], -1, -1), x)
+    return out
 
 
 def _pointwise(w: Tensor, b: Tensor, x: Tensor) -> Tensor:
