@@ -55,6 +55,24 @@ if triton is not None:
     ]
 
     @triton.jit
+    def _load_points(cloud_ptr, idx, mask):
+        """x, y, z of the points ``idx`` of one (P, 3) cloud; 0 where ``mask`` is off."""
+        pts = cloud_ptr + idx * 3
+        return (
+            tl.load(pts, mask=mask, other=0.0),
+            tl.load(pts + 1, mask=mask, other=0.0),
+            tl.load(pts + 2, mask=mask, other=0.0),
+        )
+
+    @triton.jit
+    def _sq_dist(rx, ry, rz, xx, xy, xz):
+        """Squared distances (BLOCK_K, BLOCK_L) by direct differences, as the CUDA kernel (d(p, p) == 0)."""
+        dx = rx[:, None] - xx[None, :]
+        dy = ry[:, None] - xy[None, :]
+        dz = rz[:, None] - xz[None, :]
+        return dx * dx + dy * dy + dz * dz
+
+    @triton.jit
     def _row_pass(
         ref_ptr,  # (B, N, 3) float32
         x_ptr,  # (B, M, 3) float32
@@ -75,25 +93,16 @@ if triton is not None:
         kb = tl.program_id(1)
         ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = ks < n
-        ref = ref_ptr + b * n * 3 + ks * 3
-        rx = tl.load(ref, mask=kmask, other=0.0)
-        ry = tl.load(ref + 1, mask=kmask, other=0.0)
-        rz = tl.load(ref + 2, mask=kmask, other=0.0)
+        rx, ry, rz = _load_points(ref_ptr + b * n * 3, ks, kmask)
         # element-wise accumulators, reduced once after the loop (no cross-thread sums inside it)
         acc = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
         acc_d = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
         for l0 in range(0, m, BLOCK_L):
             ls = l0 + tl.arange(0, BLOCK_L)
             lmask = ls < m
-            xs = x_ptr + b * m * 3 + ls * 3
-            xx = tl.load(xs, mask=lmask, other=0.0)
-            xy = tl.load(xs + 1, mask=lmask, other=0.0)
-            xz = tl.load(xs + 2, mask=lmask, other=0.0)
+            xx, xy, xz = _load_points(x_ptr + b * m * 3, ls, lmask)
             v = tl.load(vec_r_ptr + b * m + ls, mask=lmask, other=0.0)  # 0 past the end: no contribution
-            dx = rx[:, None] - xx[None, :]
-            dy = ry[:, None] - xy[None, :]
-            dz = rz[:, None] - xz[None, :]
-            d2 = dx * dx + dy * dy + dz * dz  # (BLOCK_K, BLOCK_L)
+            d2 = _sq_dist(rx, ry, rz, xx, xy, xz)
             w = tl.exp2(d2 * scale) * v[None, :]
             acc += w
             if SECOND:
@@ -127,24 +136,14 @@ if triton is not None:
         lb = tl.program_id(1)
         ls = lb * BLOCK_L + tl.arange(0, BLOCK_L)
         lmask = ls < m
-        xs = x_ptr + b * m * 3 + ls * 3
-        xx = tl.load(xs, mask=lmask, other=0.0)
-        xy = tl.load(xs + 1, mask=lmask, other=0.0)
-        xz = tl.load(xs + 2, mask=lmask, other=0.0)
+        xx, xy, xz = _load_points(x_ptr + b * m * 3, ls, lmask)
         acc = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
         for k0 in range(0, n, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < n
-            ref = ref_ptr + b * n * 3 + ks * 3
-            rx = tl.load(ref, mask=kmask, other=0.0)
-            ry = tl.load(ref + 1, mask=kmask, other=0.0)
-            rz = tl.load(ref + 2, mask=kmask, other=0.0)
+            rx, ry, rz = _load_points(ref_ptr + b * n * 3, ks, kmask)
             rl = tl.load(ratio_l_ptr + b * n + ks, mask=kmask, other=0.0)
-            dx = rx[:, None] - xx[None, :]
-            dy = ry[:, None] - xy[None, :]
-            dz = rz[:, None] - xz[None, :]
-            d2 = dx * dx + dy * dy + dz * dz  # (BLOCK_K, BLOCK_L)
-            acc += tl.exp2(d2 * scale) * rl[:, None]
+            acc += tl.exp2(_sq_dist(rx, ry, rz, xx, xy, xz) * scale) * rl[:, None]
         col = tl.sum(acc, axis=0)
         remain_r = tl.load(remain_r_ptr + b * m + ls, mask=lmask, other=0.0)
         s_r = col * remain_r
