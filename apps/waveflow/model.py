@@ -327,7 +327,7 @@ class RowStepper:
     def __init__(self, net: WaveNet2D, batch: int, width: int, like: Tensor, rows: int) -> None:
         C, L, k = net.channels, net.n_layers, net.blocks[0].k
         self.rows = rows  # the most step calls this stepper serves
-        self.C, self.k = C, k
+        self.C = C
         self.w_start = net.start.weight.reshape(C, 1)
         self.b_start = net.start.bias.reshape(C, 1)
         w_end = net.end.weight.reshape(2, C)

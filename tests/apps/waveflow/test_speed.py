@@ -69,11 +69,18 @@ def test_graph_synthesizer_static_buffers_equal_eager_synthesis():
 def test_benchmark_script_quick(tmp_path):
     from scripts.bench_waveflow import main
 
-    main(["--quick", "--device", "cpu", "--json", str(tmp_path / "b.json")])
+    main(["--quick", "--device", "cpu", "--profile", "--json", str(tmp_path / "b.json")])
     rows = json.loads((tmp_path / "b.json").read_text())
     synth = [r for r in rows if r["what"] == "synthesis"]
     assert [r["batch"] for r in synth] == [1, 2] and all(r["x_realtime"] > 0 for r in synth)
     assert any(r["what"].startswith("train step") and r["time_s"] > 0 for r in rows)
+    # --profile: per batch, a summary row (all ops' self time, at most the call's wall time) and the top ops by share
+    for batch in (1, 2):
+        prof = [r for r in rows if r["what"] == "profile" and r["batch"] == batch]
+        total, top = prof[0], prof[1:]
+        assert total["kernel"] == "(all ops)" and 0 < total["total_ms"] <= total["wall_ms"] * 1.05
+        assert top and all(a["total_ms"] >= b["total_ms"] for a, b in zip(top, top[1:]))
+        assert sum(r["share"] for r in top) <= 1 + 1e-9 and any("addmm" in r["kernel"] for r in top)
 
 
 def test_bf16_synthesis_tracks_fp32():
