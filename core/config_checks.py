@@ -4,8 +4,9 @@ Two rules, both applied to the composed config:
 
 - **types**: a value given on the command line must have the type of the default it replaces (``trainer.max_steps=abc``
   is refused because the default is an integer); an integer is accepted where a float is expected.
-- **ranges**: counts that must be positive (``n``, ``batch_size``, ``data.batch_size`` ...) or non-negative, and the
-  trainer's step/epoch limits (``-1`` means unlimited).
+- **ranges**: counts that must be positive (``n``, ``batch_size``, ``data.batch_size`` ...) or non-negative, the
+  trainer's step/epoch limits (``-1`` means unlimited), and sampling temperatures (``temperature``, ``sigma`` ...),
+  which scale a noise's standard deviation and so must be numbers >= 0.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {"num_workers", "trainer.num_sanity_val_steps", "trainer.log_every_n_steps", "seed"}
 _UNLIMITED_OR_POSITIVE = {"trainer.max_steps", "trainer.max_epochs"}  # -1 (or null) means no limit
+# noise scales: 0 draws the mode, a negative value is a mistake (it would flip the noise's sign, silently)
+_NON_NEGATIVE_NUMBER = {"temperature", "latent_temperature", "sample_temperature", "sigma"}
 
 
 def _leaves(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -101,6 +104,10 @@ def check_config(cfg: DictConfig | Mapping) -> None:
             low, what = 1, "a positive integer"
         elif key in _NON_NEGATIVE or last in _NON_NEGATIVE:
             low, what = 0, "an integer >= 0"
+        elif key in _NON_NEGATIVE_NUMBER or last in _NON_NEGATIVE_NUMBER:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise ConfigValueError(f"config key '{key}' expects a number >= 0 (a noise scale), got {value!r}")
+            continue
         elif key in _UNLIMITED_OR_POSITIVE:
             if value is None or value == -1:
                 continue

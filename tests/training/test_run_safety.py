@@ -241,6 +241,7 @@ def test_restore_gives_module_config_and_datamodule(trained):
         ("sample", "n=abc", "n"),
         ("sample", "n=-5", "n"),
         ("sample", "temperature=hot", "temperature"),
+        ("sample", "temperature=-1", "temperature"),
     ],
 )
 def test_wrong_values_are_refused_with_the_key(command, override, key):
@@ -252,6 +253,7 @@ def test_wrong_values_are_refused_with_the_key(command, override, key):
 def test_right_values_pass_the_checks():
     check_invocation("density2d", "train", ["trainer.max_steps=10", "module.optimizer.lr=1", "model=maf"])
     check_invocation("density2d", "sample", ["ckpt=x.ckpt", "n=5", "temperature=1"])
+    check_invocation("density2d", "sample", ["ckpt=x.ckpt", "temperature=0"])  # 0 draws the mode
 
 
 def test_a_wrong_value_stops_the_cli_before_a_run_dir_exists(tmp_path):
