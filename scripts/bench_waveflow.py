@@ -18,7 +18,9 @@ backward, Adam). Rows give the median over rounds, and the ratio to the port.
 Training: one step (forward, backward, Adam) at batch 2 x 16,000 samples, steady state after two warm-up steps.
 
 GPU (``--device cuda``): fp32, bf16 and fp16 synthesis, and the CUDA-graph path
-(``apps.waveflow.cuda_graph.GraphSynthesizer``: the whole synthesis of one shape captured once, replayed).
+(``apps.waveflow.cuda_graph.GraphSynthesizer``: the whole synthesis of one shape captured once, replayed); the row
+step runs as the fused Triton kernel (``apps.waveflow.row_triton``) where Triton is installed, and the
+``torch-rows`` rows time the torch GEMMs beside it.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def port_model(path: Path, channels: int, layers: int = 8, flows: int = 8) -> to
 
 # ---- synthesis ------------------------------------------------------------------------------------------------
 def our_synthesis(channels: int, device: str, dtype: torch.dtype, frames: int, batch: int, layers: int = 8,
-                  flows: int = 8) -> tuple[Callable[[], float], float, dict]:  # fmt: skip
+                  flows: int = 8, row_impl: str = "auto") -> tuple[Callable[[], float], float, dict]:  # fmt: skip
     model = prepare_for_inference(our_model(channels, layers, flows), torch.device(device), dtype)
+    model.set_row_impl(row_impl)
     mel = torch.randn(batch, 80, frames, device=device) - 5.0
     audio_s = batch * frames * HOP / SR
     info = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -81,10 +84,11 @@ def our_synthesis(channels: int, device: str, dtype: torch.dtype, frames: int, b
 
 
 def graph_synthesis(channels: int, dtype: torch.dtype, frames: int, batch: int, layers: int = 8,
-                    flows: int = 8) -> tuple[Callable[[], float], float, dict]:  # fmt: skip
+                    flows: int = 8, row_impl: str = "auto") -> tuple[Callable[[], float], float, dict]:  # fmt: skip
     from apps.waveflow.cuda_graph import GraphSynthesizer
 
     model = prepare_for_inference(our_model(channels, layers, flows), torch.device("cuda"), dtype)
+    model.set_row_impl(row_impl)
     mel = torch.randn(batch, 80, frames, device="cuda") - 5.0
     synth = GraphSynthesizer(model, batch, frames)
 
@@ -145,6 +149,20 @@ def profile_synthesis(channels: int, device: str, dtype: torch.dtype, frames: in
                      "avg_us": t / max(e.count, 1), "share": t / max(total_us, 1e-9), "batch": batch,
                      "precision": str(dtype)})  # fmt: skip
     return rows
+
+
+# GPU synthesis rows: precision, "cuda-graph" (one captured graph per shape), "torch-rows" (the row step as torch
+# GEMMs instead of the fused Triton kernel of apps.waveflow.row_triton, which "auto" picks on a GPU with Triton)
+GPU_SYNTHESIS = ["fp32", "bf16", "fp16", "fp16 torch-rows", "cuda-graph fp16", "cuda-graph fp16 torch-rows",
+                 "cuda-graph bf16"]  # fmt: skip
+
+
+def _synthesis_variant(name: str) -> tuple[bool, torch.dtype, str]:
+    """(captured as a CUDA graph, dtype, RowStepper impl) of a synthesis row's name."""
+    words = name.split()
+    dtype = next({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[w] for w in words
+                 if w in ("fp32", "bf16", "fp16"))  # fmt: skip
+    return "cuda-graph" in words, dtype, "torch" if "torch-rows" in words else "auto"
 
 
 # ---- training -------------------------------------------------------------------------------------------------
@@ -238,15 +256,15 @@ def main(argv: list[str] | None = None) -> None:
     for channels in channels_list:
         if not args.no_synthesis:
             for batch in batches:
-                precisions = ["fp32"] + (["bf16", "fp16", "cuda-graph fp16", "cuda-graph bf16"] if device == "cuda"
-                                         else [])  # fmt: skip
                 runs, meta = {}, {}
-                for prec in precisions:
-                    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec.split()[-1]]
-                    if prec.startswith("cuda-graph"):
-                        runs[prec], audio_s, info = graph_synthesis(channels, dtype, frames, batch, layers, flows)
+                for prec in GPU_SYNTHESIS if device == "cuda" else ["fp32"]:
+                    graph, dtype, row_impl = _synthesis_variant(prec)
+                    if graph:
+                        runs[prec], audio_s, info = graph_synthesis(channels, dtype, frames, batch, layers, flows,
+                                                                    row_impl)  # fmt: skip
                     else:
-                        runs[prec], audio_s, info = our_synthesis(channels, device, dtype, frames, batch, layers, flows)
+                        runs[prec], audio_s, info = our_synthesis(channels, device, dtype, frames, batch, layers, flows,
+                                                                  row_impl)  # fmt: skip
                     meta[prec] = (audio_s, info, "flowsuite")
                 if args.port is not None and device == "cpu":
                     runs["port fp32"], audio_s, info = port_synthesis(args.port, channels, frames, batch, layers, flows)

@@ -322,12 +322,17 @@ class RowStepper:
       at the paper's h = 16: 0.36 GB per layer for a minute of audio in float32; a ring copied every row held 6);
     - the gate is two kernels (tanh in place, then GLU).
     Weights are read from the module at construction (never cached across calls, so it is never stale).
+
+    ``impl``: ``"torch"`` (the GEMMs above), ``"triton"`` (each layer's row as one fused kernel,
+    :mod:`apps.waveflow.row_triton`: the same arithmetic in one launch instead of about eight) or ``"auto"`` (Triton
+    on a CUDA device when it is installed and the channels fit its tiles).
     """
 
-    def __init__(self, net: WaveNet2D, batch: int, width: int, like: Tensor, rows: int) -> None:
+    def __init__(self, net: WaveNet2D, batch: int, width: int, like: Tensor, rows: int, impl: str = "auto") -> None:
         C, L, k = net.channels, net.n_layers, net.blocks[0].k
         self.rows = rows  # the most step calls this stepper serves
         self.C = C
+        self.fused = _use_triton_rows(impl, like.device, C)
         self.w_start = net.start.weight.reshape(C, 1)
         self.b_start = net.start.bias.reshape(C, 1)
         w_end = net.end.weight.reshape(2, C)
@@ -354,6 +359,15 @@ class RowStepper:
             self.b_cond = net.cond.bias + bias
         else:
             self.w_cond, self.b_cond = None, bias.reshape(1, L * 2 * C, 1)
+        if self.fused:  # the kernel's operands: taps (k, 2C, k C), skip rows padded to 16, residual bias (C,)
+            from apps.waveflow.row_triton import SKIP_ROWS
+
+            self.fused_weights = []
+            for _, w3, w_res, b_res, w_skip in self.blocks:
+                skip16 = w_skip.new_zeros(SKIP_ROWS, C)
+                skip16[:2] = w_skip
+                res = (w_res, b_res.reshape(C).contiguous()) if w_res is not None else (None, None)
+                self.fused_weights.append((torch.stack(w3).contiguous(), skip16, *res))
         # histories: (B, pad + rows, C, W) per layer; the first pad rows stay zero (the causal padding)
         self.history = [like.new_zeros(batch, b.pad_h + rows, C, width) for b in net.blocks]
         self.j = 0
@@ -369,6 +383,14 @@ class RowStepper:
         first = self.blocks[0][0]
         h = torch.addcmul(self.b_start, self.w_start, x_row[:, None], out=self.history[0][:, first.pad_h + j])
         skip = self.skip_bias.expand(x_row.shape[0], 2, x_row.shape[-1]).clone()  # (B, 2, W)
+        if self.fused:
+            from apps.waveflow.row_triton import layer_row
+
+            for i, ((b, *_), (taps, skip16, w_res, b_res)) in enumerate(zip(self.blocks, self.fused_weights)):
+                nxt = self.history[i + 1][:, self.blocks[i + 1][0].pad_h + j] if i + 1 < n else None
+                cond = conds[:, i * 2 * C : (i + 1) * 2 * C]
+                layer_row(self.history[i], j, b.dh, b.dw, cond, taps, skip16, skip, w_res, b_res, nxt)
+            return skip[:, 0], skip[:, 1]
         for i, (b, w3, w_res, b_res, w_skip) in enumerate(self.blocks):
             window = self.history[i][:, j : j + b.pad_h + 1 : b.dh].flatten(1, 2)  # (B, k C, W), oldest row first
             # (B, 2C, W), mel included; a fresh mel projection (this row's own) takes the GEMMs in place
@@ -380,6 +402,23 @@ class RowStepper:
                 nxt = self.blocks[i + 1][0]
                 h = _gemm_into(torch.add(h, b_res, out=self.history[i + 1][:, nxt.pad_h + j]), w_res, gated)
         return skip[:, 0], skip[:, 1]
+
+
+def _use_triton_rows(impl: str, device: torch.device, channels: int) -> bool:
+    """Whether a :class:`RowStepper` runs its layers as the fused Triton kernel (see its ``impl``)."""
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"RowStepper: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "torch":
+        return False
+    from apps.waveflow import row_triton
+
+    usable = row_triton.available(device) and row_triton.supports(channels)
+    if impl == "triton" and not usable:
+        raise RuntimeError(
+            f"RowStepper impl='triton': needs Triton on a CUDA device (or TRITON_INTERPRET=1) and a power-of-two "
+            f"channel count >= 16 (got {channels} channels on {device})"
+        )
+    return usable and (impl == "triton" or device.type == "cuda")
 
 
 def _conv_width(ws: list[Tensor], dilation: int, x: Tensor, init: Tensor, in_place: bool = False) -> Tensor:
@@ -483,6 +522,7 @@ class WaveFlowLayer(Flow):
         self.register_buffer("inverse_order", torch.argsort(self.order), persistent=False)
         self.order_list = order
         self._natural = order == list(range(height))
+        self.row_impl = "auto"  # RowStepper's impl for the fast inverse: auto, torch or triton
 
     def _permute(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if x.dim() != 3 or x.shape[1] != self.height:
@@ -534,7 +574,7 @@ class WaveFlowLayer(Flow):
         if z.dim() != 3 or z.shape[1] != self.height:
             raise ValueError(f"WaveFlowLayer: expected x of shape (B, {self.height}, W), got {tuple(z.shape)}")
         batch, height, width = z.shape
-        stepper = RowStepper(self.net, batch, width, z, rows=height - self.first)
+        stepper = RowStepper(self.net, batch, width, z, rows=height - self.first, impl=self.row_impl)
         ctx = None if context is None else context.transpose(1, 2).contiguous()  # (B, h, C, W): row r = ctx[:, r]
         x = torch.empty_like(z)
         neg_log_s = z.new_zeros(batch)
@@ -677,6 +717,15 @@ class WaveFlow(nn.Module):
     @property
     def layers(self) -> list[WaveFlowLayer]:
         return list(self.flow.transform.flows)[1:]
+
+    def set_row_impl(self, impl: str) -> WaveFlow:
+        """How synthesis computes a conditioner row (:class:`RowStepper`'s ``impl``: ``auto``, ``torch`` or
+        ``triton``) in every flow; returns self."""
+        if impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"WaveFlow: row impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        for layer in self.layers:
+            layer.row_impl = impl
+        return self
 
     def condition(self, mel: Tensor, length: int) -> Tensor:
         """Upsampled, cropped and squeezed conditioner: (B, n_mels, F) -> (B, n_mels, h, length / h)."""
