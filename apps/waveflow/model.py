@@ -18,7 +18,9 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -332,7 +334,7 @@ class RowStepper:
         C, L, k = net.channels, net.n_layers, net.blocks[0].k
         self.rows = rows  # the most step calls this stepper serves
         self.C = C
-        self.fused = _use_triton_rows(impl, like.device, C)
+        self.fused = _use_triton_rows(impl, like.device, C, like.dtype, k)
         self.w_start = net.start.weight.reshape(C, 1)
         self.b_start = net.start.bias.reshape(C, 1)
         w_end = net.end.weight.reshape(2, C)
@@ -404,8 +406,10 @@ class RowStepper:
         return skip[:, 0], skip[:, 1]
 
 
-def _use_triton_rows(impl: str, device: torch.device, channels: int) -> bool:
-    """Whether a :class:`RowStepper` runs its layers as the fused Triton kernel (see its ``impl``)."""
+def _use_triton_rows(impl: str, device: torch.device, channels: int, dtype: torch.dtype, kernel: int) -> bool:
+    """Whether a :class:`RowStepper` runs its layers as the fused Triton kernel (see its ``impl``). ``auto`` takes
+    it on CUDA only after :func:`_triton_rows_self_check` passed for this device, dtype and size (else it warns once
+    and keeps the torch rows: a kernel that fails to build or disagrees never gives audio)."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"RowStepper: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "torch":
@@ -413,12 +417,45 @@ def _use_triton_rows(impl: str, device: torch.device, channels: int) -> bool:
     from apps.waveflow import row_triton
 
     usable = row_triton.available(device) and row_triton.supports(channels)
-    if impl == "triton" and not usable:
-        raise RuntimeError(
-            f"RowStepper impl='triton': needs Triton on a CUDA device (or TRITON_INTERPRET=1) and a power-of-two "
-            f"channel count >= 16 (got {channels} channels on {device})"
-        )
-    return usable and (impl == "triton" or device.type == "cuda")
+    if impl == "triton":
+        if not usable:
+            raise RuntimeError(
+                f"RowStepper impl='triton': needs Triton on a CUDA device (or TRITON_INTERPRET=1) and a power-of-two "
+                f"channel count >= 16 (got {channels} channels on {device})"
+            )
+        return True
+    if not (usable and device.type == "cuda"):
+        return False
+    problem = _triton_rows_self_check(str(device), dtype, channels, kernel)
+    if problem:
+        message = f"WaveFlow: the fused Triton row kernel is not used ({problem}); synthesis runs the torch rows"
+        warnings.warn(message, stacklevel=3)
+    return not problem
+
+
+@functools.cache
+def _triton_rows_self_check(device: str, dtype: torch.dtype, channels: int, kernel: int) -> str:
+    """'' if the fused row kernel gives a small random conditioner's rows as the torch GEMMs do on ``device`` in
+    ``dtype`` (height dilations 1 and 2, width dilations 1 and 2, 200 columns, 6 rows); else what went wrong."""
+    gen = torch.Generator().manual_seed(0)
+    net = WaveNet2D(channels, 2, 8, (1, 2), kernel)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(max(p[0].numel(), 1)))
+    net = fold_weight_norm(net).to(device=device, dtype=dtype)
+    x = torch.randn(1, 6, 200, generator=gen).to(device=device, dtype=dtype)
+    ctx = torch.randn(1, 6, 8, 200, generator=gen).to(device=device, dtype=dtype)
+    try:
+        with torch.no_grad():
+            outs = []
+            for impl in ("torch", "triton"):
+                stepper = RowStepper(net, 1, 200, x, rows=6, impl=impl)
+                outs.append(torch.cat([torch.stack(stepper.step(x[:, r], ctx[:, r])) for r in range(6)]))
+    except Exception as e:  # a kernel that does not compile or launch here
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    err = ((outs[1] - outs[0]).abs().max() / outs[0].abs().max().clamp_min(1e-6)).item()
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
+    return "" if err <= tolerance else f"self-check: relative difference {err:.1e} from the torch rows"
 
 
 def _conv_width(ws: list[Tensor], dilation: int, x: Tensor, init: Tensor, in_place: bool = False) -> Tensor:

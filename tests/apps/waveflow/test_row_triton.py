@@ -76,3 +76,30 @@ def test_row_impl_choice():
         _model([1] * 7).set_row_impl("fast")
     assert row_triton.supports(64) and row_triton.supports(16) and not row_triton.supports(8)
     assert not row_triton.supports(48)
+
+
+def test_self_check_passes_for_the_kernel_and_catches_a_broken_one(monkeypatch):
+    """auto takes the kernel only after it gave a small conditioner's rows as the torch GEMMs do."""
+    from apps.waveflow.model import _triton_rows_self_check
+
+    device = _triton_device()
+    check = _triton_rows_self_check.__wrapped__  # uncached
+    assert check(str(device), torch.float32, 16, 3) == ""
+
+    original = row_triton.layer_row
+    monkeypatch.setattr(row_triton, "layer_row", lambda *a: (original(*a), a[7].mul_(1.5)))  # skip: wrong rows
+    assert "relative difference" in check(str(device), torch.float32, 16, 3)
+    monkeypatch.setattr(row_triton, "layer_row", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel")))
+    assert check(str(device), torch.float32, 16, 3).startswith("RuntimeError: no kernel")
+
+
+def test_auto_falls_back_to_torch_rows_with_a_warning_when_the_self_check_fails(monkeypatch):
+    import apps.waveflow.model as M
+
+    monkeypatch.setattr(row_triton, "available", lambda device=None: True)
+    monkeypatch.setattr(M, "_triton_rows_self_check", lambda *a: "RuntimeError: no kernel")
+    with pytest.warns(UserWarning, match="not used .RuntimeError: no kernel.; synthesis runs the torch rows"):
+        assert not M._use_triton_rows("auto", torch.device("cuda"), 64, torch.float16, 3)
+    monkeypatch.setattr(M, "_triton_rows_self_check", lambda *a: "")
+    assert M._use_triton_rows("auto", torch.device("cuda"), 64, torch.float16, 3)
+    assert not M._use_triton_rows("auto", torch.device("cuda"), 48, torch.float16, 3)  # channels the tiles lack
