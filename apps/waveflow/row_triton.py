@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = ["available", "supports", "layer_row"]
 
-BLOCK_W = 64  # columns per program
+BLOCK_W: int | None = None  # columns per program; None: tuned per width on the first call (tests set it)
 SKIP_ROWS = 16  # the skip projection's 2 output channels, padded to tl.dot's smallest side
 
 
@@ -109,6 +109,19 @@ if triton is not None:
                      nxt.to(next_ptr.dtype.element_ty), mask=col_ok[None, :])  # fmt: skip
 
 
+if triton is not None:
+    # columns per program and warps, timed and chosen on the first call per width (the kernel accumulates into skip,
+    # so the tuner restores it after each trial); the interpreter cannot time them and takes the first
+    _CONFIGS = [triton.Config({"BLOCK": bw}, num_warps=w) for bw, w in ((64, 4), (32, 4), (128, 8), (64, 8), (32, 2))]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _tuned, _FIXED = _layer_row_kernel, _CONFIGS[0].kwargs
+    else:
+        _tuned = triton.autotune(_CONFIGS, key=["width", "C", "KH", "KW"], restore_value=["skip_ptr"])(
+            _layer_row_kernel
+        )
+        _FIXED = {}
+
+
 def layer_row(
     history: Tensor,
     row0: int,
@@ -141,12 +154,15 @@ def layer_row(
     if has_res and (next_row.stride(2) != 1 or next_row.stride(1) != width):
         raise ValueError("layer_row: next_row must hold contiguous (C, W) rows")
     precision = "ieee" if history.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(width, BLOCK_W), batch)
-    _layer_row_kernel[grid](
+    args = (
         history, cond, w_taps, w_skip, skip,
         w_res if has_res else w_skip, b_res if has_res else w_skip, next_row if has_res else skip,
         row0, width, dh, dw,
         history.stride(0), history.stride(1), cond.stride(0), cond.stride(1), cond.stride(2), skip.stride(0),
         next_row.stride(0) if has_res else 0,
-        C=channels, KH=kh, KW=kw, BLOCK=BLOCK_W, SKIP=SKIP_ROWS, HAS_RES=has_res, PRECISION=precision,
     )  # fmt: skip
+    fixed = dict(C=channels, KH=kh, KW=kw, SKIP=SKIP_ROWS, HAS_RES=has_res, PRECISION=precision)
+    if BLOCK_W is not None:
+        _layer_row_kernel[(triton.cdiv(width, BLOCK_W), batch)](*args, **fixed, BLOCK=BLOCK_W)
+    else:
+        _tuned[lambda meta: (triton.cdiv(width, meta["BLOCK"]), batch)](*args, **fixed, **_FIXED)
