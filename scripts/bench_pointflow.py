@@ -208,7 +208,8 @@ VERSUS_ROWS = {  # worker row -> (label, setting, processes' warm-up and timed r
 VERSUS_SETTINGS = (
     "both: dopri5, atol = rtol = 1e-5, adjoint backward, Hutchinson trace with Gaussian noise in training, moving "
     "batch-norm around each CNF, T = 0.5 learned, concatsquash tanh, Adam 1e-3; random weights, one seeded input. "
-    "flowsuite: torch {torch}, torchdiffeq {fs_tdq}, adjoint seminorm; sampling without the trace (no_logdet). "
+    "flowsuite: torch {torch}, torchdiffeq {fs_tdq}, adjoint seminorm, training solves warm-started at the previous "
+    "solve's step size (flowsuite-cold: torchdiffeq's initial step); sampling without the trace (no_logdet). "
     "reference: its own code and argparse defaults, torchdiffeq {ref_tdq}; its sampling integrates the log-density "
     "(Hutchinson) as its CNF always does. NFE: calls of the ODE function (pre-hook), point / latent, forward + "
     "backward."
@@ -236,15 +237,18 @@ def bench_versus(
     reference: Path, rows: Sequence[str], rounds: int, threads: int, reference_torchdiffeq: Path | None,
     sample_shapes: int,
 ) -> list[dict]:  # fmt: skip
-    """flowsuite beside the reference, row by row: ``rounds`` rounds of one fresh process per side, the order
-    swapped every round (A B, B A, ...); medians of the timed repeats, NFE and peak RSS, load average at each start."""
+    """flowsuite beside the reference, row by row: ``rounds`` rounds of one fresh process per side (training rows also
+    flowsuite-cold: no warm-started step sizes), the order rotated every round; medians of the timed repeats, NFE
+    and peak RSS, load average at each start."""
     out = []
     for row in rows:
         label, setting, warmup, repeats = VERSUS_ROWS[row]
-        res: dict[str, list[dict]] = {"flowsuite": [], "reference": []}
-        loads: dict[str, list[float]] = {"flowsuite": [], "reference": []}
+        # training rows also time flowsuite without warm-started step sizes (what the warm start saves)
+        impls = ["flowsuite", "reference"] + (["flowsuite-cold"] if row.endswith("step") else [])
+        res: dict[str, list[dict]] = {impl: [] for impl in impls}
+        loads: dict[str, list[float]] = {impl: [] for impl in impls}
         for r in range(rounds):
-            for impl in ("flowsuite", "reference") if r % 2 == 0 else ("reference", "flowsuite"):
+            for impl in impls[r % len(impls) :] + impls[: r % len(impls)]:  # a different order every round
                 spec = dict(impl=impl, row=row, warmup=warmup, repeats=repeats, seed=0, shapes=sample_shapes)
                 if impl == "reference":
                     spec["reference"] = str(reference)
@@ -264,9 +268,11 @@ def bench_versus(
                 peak_mb=max(x["peak_mb"] for x in results), load=statistics.median(loads[impl]),
                 torchdiffeq=results[0]["torchdiffeq"], settings=results[0]["settings"], row=row,
             )  # fmt: skip
-        rec["flowsuite"]["ratio"] = rec["flowsuite"]["s"] / rec["reference"]["s"]
-        rec["flowsuite"]["mem_ratio"] = rec["flowsuite"]["peak_mb"] / rec["reference"]["peak_mb"]
-        out += [rec["flowsuite"], rec["reference"]]
+        for impl in impls:
+            if impl != "reference":
+                rec[impl]["ratio"] = rec[impl]["s"] / rec["reference"]["s"]
+                rec[impl]["mem_ratio"] = rec[impl]["peak_mb"] / rec["reference"]["peak_mb"]
+        out += [rec[impl] for impl in impls]
     return out
 
 

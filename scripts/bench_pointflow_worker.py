@@ -3,6 +3,8 @@
 
     python scripts/bench_pointflow_worker.py '{"impl": "reference", "row": "small_step", "reference": "/path"}'
 
+``impl``: ``flowsuite``, ``flowsuite-cold`` (flowsuite without warm-started step sizes) or ``reference``.
+
 The reference is imported from its own checkout (``reference`` on ``sys.path``, never copied here) with whatever
 torchdiffeq comes first on ``PYTHONPATH`` (the parent puts torchdiffeq 0.0.1 there, as the reference pins). Its model
 is built from its own argument parser; ``nn.Module.cuda`` becomes a no-op so that it builds on a CPU. Both sides are
@@ -59,15 +61,16 @@ class _Counter:
         return counts
 
 
-def _flowsuite(cfg: dict, counter: _Counter, torch):
-    """flowsuite's PointFlowModel at the reference's settings; returns (step, sample) callables."""
+def _flowsuite(cfg: dict, counter: _Counter, torch, warm_start: bool = True):
+    """flowsuite's PointFlowModel at the reference's settings; returns (step, sample) callables. ``warm_start``:
+    training solves start at the previous solve's step size (the default); False: torchdiffeq's initial step."""
     from apps.pointflow.model import PointFlowModel
     from core.flows import CNF
 
     model = PointFlowModel(
         zdim=cfg["zdim"], point_hidden=cfg["dims"], latent_hidden=cfg["latent_dims"], solver="dopri5",
         atol=1e-5, rtol=1e-5, adjoint=True, end_time=0.5, train_end_time=True, trace="hutchinson",
-        noise="gaussian", batch_norm=True,
+        noise="gaussian", batch_norm=True, warm_start=warm_start,
     )  # fmt: skip
     for part, name in ((model.point_flow, "point"), (model.latent, "latent")):
         for m in part.modules():
@@ -130,7 +133,7 @@ def run(spec: dict) -> dict:
     if spec["impl"] == "reference":
         model, step, sample, settings = _reference(cfg, counter, torch, spec["reference"])
     else:
-        model, step, sample = _flowsuite(cfg, counter, torch)
+        model, step, sample = _flowsuite(cfg, counter, torch, warm_start=spec["impl"] != "flowsuite-cold")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(cfg["batch"], cfg["points"], 3, generator=g) * 0.5
     warmup, repeats = int(spec.get("warmup", 0)), int(spec.get("repeats", 1))

@@ -146,6 +146,8 @@ class PointFlowModel(nn.Module):
         act: dynamics non-linearity (tanh).
         solver, atol, rtol, adjoint, end_time, train_end_time: CNF integration (dopri5, 1e-5, 1e-5, adjoint,
             T = 0.5 learned).
+        warm_start: a training solve starts from the previous one's step size (``core.flows.CNF``; same tolerances,
+            fewer evaluations; evaluation and sampling solves are unaffected); False: torchdiffeq's initial step.
         trace, noise: training trace estimator (Hutchinson, Gaussian noise); ``set_trace("exact")`` for evaluation.
         batch_norm: moving batch-norm around each CNF (:func:`cnf_chain`), as the reference (on).
         use_latent_flow: False gives the auto-encoder mode (no prior, no sampling of new shapes).
@@ -172,12 +174,13 @@ class PointFlowModel(nn.Module):
         batch_norm: bool = True,
         use_latent_flow: bool = True,
         deterministic_encoder: bool = False,
+        warm_start: bool = True,
     ) -> None:
         super().__init__()
         self.zdim, self.input_dim = zdim, input_dim
         cnf = dict(
             solver=solver, atol=atol, rtol=rtol, adjoint=adjoint, end_time=end_time,
-            train_end_time=train_end_time, trace=trace, noise=noise,
+            train_end_time=train_end_time, trace=trace, noise=noise, warm_start=warm_start,
         )  # fmt: skip
         self.encoder = PointNetEncoder(zdim, input_dim, deterministic_encoder)
         self.point_flow = cnf_chain(input_dim, point_hidden, zdim, point_blocks, act, batch_norm, **cnf)

@@ -29,6 +29,7 @@ from core.flows.base import Flow, sum_except_batch
 
 __all__ = ["CNF", "no_logdet", "regularization_loss", "hutchinson_noise", "divergence_exact", "divergence_hutchinson"]
 
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's step-size-controlled solvers
 _MAX_PENDING = 64  # uncollected forward-solve records a CNF keeps before dropping the oldest
 _SKIP = threading.local()  # set by no_logdet()
 
@@ -105,6 +106,16 @@ class _ODEFunc(nn.Module):
         self.dynamics = dynamics
         self.trace = trace
         self.num_evals = 0
+        self.accepted: list[float] = []  # |dt| of the steps the recorded solve accepted
+        self.accepted_adjoint: list[float] = []  # the same for adjoint solves (they run inside backward)
+
+    # attached as torchdiffeq's callback_accept_step(_adjoint) while a solve is recorded (CNF._recording): an adaptive
+    # solver calls them after each accepted step (a fixed-grid one would warn that it cannot)
+    def _accept(self, t0: Tensor, y0: tuple[Tensor, ...], dt: Tensor) -> None:
+        self.accepted.append(abs(float(dt.detach())))
+
+    def _accept_adjoint(self, t0: Tensor, y0: tuple[Tensor, ...], dt: Tensor) -> None:
+        self.accepted_adjoint.append(abs(float(dt.detach())))
 
     def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.num_evals += 1
@@ -155,6 +166,13 @@ class CNF(Flow):
         adjoint_seminorm: control the adjoint solve's step size by the state only, not the parameter
             gradients (Kidger et al. 2021, "Hey, that's not an ODE"): fewer backward steps, same gradients
             up to the tolerance.
+        warm_start: in training mode, an adaptive solve starts with the largest step that the previous training
+            solve of its kind (forward, inverse, adjoint) accepted, capped at the interval, instead of
+            torchdiffeq's initial-step heuristic, which starts small and grows the step at most tenfold per step.
+            The error control (``atol``, ``rtol``) is the same, so a step that is too large is rejected and shrunk
+            as any other; what is saved is the ramp-up (and the heuristic's own evaluation) that every solve of a
+            training run repeats. In evaluation mode every solve uses the heuristic, so that an evaluation does
+            not depend on what ran before it (same numbers from a fresh process and after training).
     """
 
     def __init__(
@@ -172,6 +190,7 @@ class CNF(Flow):
         kinetic_energy: float = 0.0,
         jacobian_norm: float = 0.0,
         adjoint_seminorm: bool = True,
+        warm_start: bool = True,
     ) -> None:
         super().__init__()
         if trace not in ("exact", "hutchinson"):
@@ -181,6 +200,8 @@ class CNF(Flow):
         self.noise_kind = noise
         self.solver, self.atol, self.rtol, self.step_size, self.adjoint = solver, atol, rtol, step_size, adjoint
         self.adjoint_seminorm = adjoint_seminorm
+        self.warm_start = warm_start
+        self.first_steps: dict[str, float] = {}  # kind -> the largest step its latest solve accepted
         sqrt_t = torch.tensor(math.sqrt(end_time))
         if train_end_time:
             self.sqrt_end_time = nn.Parameter(sqrt_t)
@@ -220,14 +241,20 @@ class CNF(Flow):
         ctx = context if context is not None else x.new_zeros(0)
         state = (x, logdet0, zero, zero, noise, ctx) if regularize else (x, logdet0, noise, ctx)
         times = self._times(x, reverse)
-        kwargs = self._solver_kwargs()
+        kind = "inverse" if reverse else "forward"
+        kwargs = self._solver_kwargs(kind)
         if self.adjoint and torch.is_grad_enabled():
-            extra = dict(adjoint_options=dict(norm="seminorm")) if self.adjoint_seminorm and not self.step_size else {}
-            out = odeint_adjoint(
-                self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs, **extra
-            )
+            adjoint_options = self._solver_kwargs("adjoint").get("options", {})
+            if self.adjoint_seminorm and not self.step_size:
+                adjoint_options["norm"] = "seminorm"
+            extra = dict(adjoint_options=adjoint_options) if adjoint_options else {}
+            with self._recording(kind):
+                out = odeint_adjoint(
+                    self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs, **extra
+                )
         else:
-            out = odeint(self.func, state, times, **kwargs)
+            with self._recording(kind):
+                out = odeint(self.func, state, times, **kwargs)
         final = [o[-1] for o in out]
         if not reverse:
             self.regularization = {"kinetic_energy": final[2], "jacobian_norm": final[3]} if regularize else {}
@@ -236,11 +263,41 @@ class CNF(Flow):
         logdet = final[1] if final[1].dim() == 1 else sum_except_batch(final[1])
         return final[0], logdet
 
-    def _solver_kwargs(self) -> dict:
+    def _solver_kwargs(self, kind: str | None = None) -> dict:
+        """torchdiffeq's arguments; with ``kind`` and :attr:`warm_start`, the first step of an adaptive solve."""
         kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
         if self.step_size is not None:
             kwargs["options"] = dict(step_size=self.step_size)
+        elif kind is not None and self._warm():
+            if kind == "adjoint" and self.func.accepted_adjoint:  # the adjoint solve of the previous backward
+                self.first_steps["adjoint"] = max(self.func.accepted_adjoint)
+                self.func.accepted_adjoint = []
+            first = self.first_steps.get(kind)
+            if first is not None:
+                span = float(self.end_time.detach().abs())
+                kwargs["options"] = dict(first_step=min(first, span) if span > 0 else first)
         return kwargs
+
+    def _warm(self) -> bool:
+        return self.warm_start and self.training and self.step_size is None and self.solver in _ADAPTIVE
+
+    @contextmanager
+    def _recording(self, kind: str) -> Iterator[None]:
+        """Record the steps the solve inside this block accepts; afterwards the largest is ``first_steps[kind]``."""
+        if not self._warm():
+            yield
+            return
+        func = self.func
+        outer, func.accepted = func.accepted, []
+        # torchdiffeq copies the callbacks when the solve starts (the adjoint one too, for the later backward)
+        func.callback_accept_step, func.callback_accept_step_adjoint = func._accept, func._accept_adjoint
+        try:
+            yield
+            if func.accepted:
+                self.first_steps[kind] = max(func.accepted)
+        finally:
+            func.accepted = outer
+            del func.callback_accept_step, func.callback_accept_step_adjoint
 
     def _times(self, like: Tensor, reverse: bool) -> Tensor:
         t_end = self.end_time.to(like)
@@ -249,11 +306,13 @@ class CNF(Flow):
     def _solve_state_only(self, x: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
         """x alone through the ODE (see :func:`no_logdet`); the log-det returned is NaN."""
         state = (x, context if context is not None else x.new_zeros(0))
-        kwargs, times = self._solver_kwargs(), self._times(x, reverse)
-        if self.adjoint and torch.is_grad_enabled():
-            out = odeint_adjoint(self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs)
-        else:
-            out = odeint(self.func, state, times, **kwargs)
+        kind = "inverse, state only" if reverse else "forward, state only"
+        kwargs, times = self._solver_kwargs(kind), self._times(x, reverse)
+        with self._recording(kind):
+            if self.adjoint and torch.is_grad_enabled():
+                out = odeint_adjoint(self.func, state, times, adjoint_params=tuple(self.func.parameters()), **kwargs)
+            else:
+                out = odeint(self.func, state, times, **kwargs)
         return out[0][-1], x.new_full((x.shape[0],), math.nan)
 
     def _record(self, integrals: dict[str, Tensor]) -> None:

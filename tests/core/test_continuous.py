@@ -153,11 +153,53 @@ def test_no_logdet_integrates_the_same_state_without_the_trace(adjoint):
         x_full, ld = cnf.inverse(z, ctx)
         with no_logdet():
             x_fast, ld_fast = cnf.inverse(z, ctx)
-        x_after, _ = cnf.inverse(z, ctx)  # the switch ends with the block
+        x_after, ld_after = cnf.inverse(z, ctx)  # the switch ends with the block
     torch.testing.assert_close(x_fast, x_full, atol=1e-6, rtol=1e-6)
     assert ld_fast.shape == ld.shape == (5,) and ld_fast.isnan().all() and torch.isfinite(ld).all()
-    torch.testing.assert_close(x_after, x_full)
+    # (a later solve starts from the earlier one's step size: the same points to the tolerance, not bit for bit)
+    torch.testing.assert_close(x_after, x_full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ld_after, ld, atol=1e-6, rtol=1e-6)
     with no_logdet():
         x, _ = cnf.inverse(z.requires_grad_(True), ctx)
     x.square().sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and cnf.sqrt_end_time.grad is not None
+
+
+def _train_step_evals(cnf, x, c):
+    """(forward evaluations, backward evaluations, z) of one training-mode solve and its adjoint backward."""
+    cnf.func.num_evals = 0
+    z, logdet = cnf(x, c)
+    fwd = cnf.func.num_evals
+    (z.square().sum() - logdet.sum()).backward()
+    return fwd, cnf.func.num_evals - fwd, z.detach()
+
+
+def test_warm_start_saves_the_ramp_up_at_the_same_tolerance():
+    """A second training solve starts at the first one's largest accepted step: fewer evaluations forward and in
+    the adjoint backward, the same result to the tolerance; without warm start, the same steps and bits."""
+    f = dynamics(3, context=2)
+    x, c = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    warm = CNF(f, trace="exact", atol=1e-6, rtol=1e-6, end_time=0.7).double()
+    first, second = _train_step_evals(warm, x, c), _train_step_evals(warm, x, c)
+    assert second[0] < first[0] and second[1] < first[1], (first[:2], second[:2])
+    torch.testing.assert_close(second[2], first[2], atol=1e-4, rtol=1e-4)
+    assert set(warm.first_steps) == {"forward", "adjoint"} and 0 < warm.first_steps["forward"] <= 0.7 + 1e-9
+
+    cold = CNF(f, trace="exact", atol=1e-6, rtol=1e-6, end_time=0.7, warm_start=False).double()
+    a, b = _train_step_evals(cold, x, c), _train_step_evals(cold, x, c)
+    assert a[:2] == b[:2] == first[:2] and torch.equal(a[2], b[2])  # cold: every solve as the first warm one
+    torch.testing.assert_close(a[2], first[2], atol=0, rtol=0)
+
+
+def test_warm_start_is_capped_at_the_interval_and_off_in_evaluation():
+    f = dynamics(3)
+    cnf = CNF(f, trace="exact", end_time=0.5).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    cnf(x)
+    cnf.first_steps["forward"] = 10.0  # larger than the interval
+    assert cnf._solver_kwargs("forward")["options"]["first_step"] == pytest.approx(0.5)
+    cnf.eval()  # evaluation: torchdiffeq's own initial step, whatever ran before
+    assert "options" not in cnf._solver_kwargs("forward")
+    fresh = CNF(f, trace="exact", end_time=0.5).double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cnf(x)[1], fresh(x)[1], atol=0, rtol=0)
