@@ -199,7 +199,7 @@ def bench_model(size: str, batch: int, points: int, sample_shapes: int, device: 
 
 
 VERSUS_ROWS = {  # worker row -> (label, setting, processes' warm-up and timed repeats)
-    "paper_step": ("train step", "paper: point 512-512-512, latent 256-256, zdim 128, batch 16 x 2048", 0, 1),
+    "paper_step": ("train step", "paper: point 512-512-512, latent 256-256, zdim 128, batch 16 x 2048", 1, 1),
     "small_step": ("train step", "small: point 128-128, latent 256-256, zdim 64, batch 8 x 512", 1, 3),
     "sample": ("sampling per shape", "paper model, 2048 pts", 1, 1),
     "tiny_step": ("train step", "tiny (test): batch 2 x 64", 0, 1),
