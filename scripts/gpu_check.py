@@ -280,9 +280,21 @@ def build_checks(device: str, quick: bool, gpus: int, only: list[str] | None = N
         checks.append(
             Check(f"{app}/{command}", [f"apps.{app}", command, "ckpt={run:" + train + "}", *gen, *dev], 90, needs=train)
         )
+    # the tests that only a GPU runs (Triton kernels, CUDA graphs, half precision); elsewhere they skip
+    checks.append(Check("kernels/pytest", ["pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS, "-k", GPU_TEST_FILTER],
+                        240))  # fmt: skip
     if only:
         checks = [c for c in checks if any(c.name.startswith(o) for o in only)]
     return checks
+
+
+GPU_TESTS = [
+    "tests/apps/waveflow/test_row_triton.py",
+    "tests/apps/waveflow/test_speed.py",
+    "tests/apps/pointflow/test_metrics.py",
+    "tests/core/test_affine.py",
+]
+GPU_TEST_FILTER = "triton or cuda or half or fused or self_check or row_impl"
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
