@@ -30,3 +30,20 @@ def run_cli(app: str, *args: str, cwd: Path | None = None, timeout: int = 300) -
         text=True,
         timeout=timeout,
     )
+
+
+def triton_test_device():
+    """Where Triton kernels can be tested: a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``; else the test skips
+    (CI has no Triton)."""
+    import pytest
+    import torch
+
+    from core.kernels import triton, triton_available
+
+    if triton is None:
+        pytest.skip("Triton is not installed (it comes with CUDA builds of torch)")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if triton_available(torch.device("cpu")):
+        return torch.device("cpu")
+    pytest.skip("no CUDA device, and TRITON_INTERPRET=1 is not set")

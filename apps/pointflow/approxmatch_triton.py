@@ -25,6 +25,8 @@ import os
 import torch
 from torch import Tensor
 
+from core.kernels import triton_available as available
+
 try:  # Triton comes with CUDA builds of torch; CPU-only installs have none
     import triton
     import triton.language as tl
@@ -35,15 +37,6 @@ __all__ = ["available", "emd_approxmatch_triton"]
 
 MIN_BLOCK = 32  # the smallest tile side of the configurations below
 _LOG2_E = 1.4426950408889634
-
-
-def available(device: torch.device | None = None) -> bool:
-    """Whether the Triton path can run on ``device`` (CUDA with Triton, or any device under ``TRITON_INTERPRET=1``)."""
-    if triton is None:
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return device is not None and device.type == "cuda"
 
 
 if triton is not None:

@@ -27,6 +27,8 @@ import os
 import torch
 from torch import Tensor
 
+from core.kernels import triton_available as available
+
 try:  # Triton comes with CUDA builds of torch; CPU-only installs have none
     import triton
     import triton.language as tl
@@ -37,15 +39,6 @@ __all__ = ["available", "supports", "layer_row"]
 
 BLOCK_W: int | None = None  # columns per program; None: tuned per width on the first call (tests set it)
 SKIP_ROWS = 16  # the skip projection's 2 output channels, padded to tl.dot's smallest side
-
-
-def available(device: torch.device | None = None) -> bool:
-    """Whether the kernel can run on ``device`` (CUDA with Triton, or any device under ``TRITON_INTERPRET=1``)."""
-    if triton is None:
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return device is not None and device.type == "cuda"
 
 
 def supports(channels: int) -> bool:

@@ -20,6 +20,7 @@ from apps.pointflow.metrics import (
     one_nn_accuracy,
     pairwise_distances,
 )
+from tests.helpers import triton_test_device
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -126,22 +127,9 @@ def test_approxmatch_equals_the_kernel_loops(n, m):
             assert emd_approxmatch(ref[b : b + 1], x[b : b + 1]).item() == pytest.approx(cost / n, rel=1e-10)
 
 
-def _triton_device() -> torch.device:
-    """Where the Triton approxmatch can be tested: a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``."""
-    from apps.pointflow import approxmatch_triton
-
-    if approxmatch_triton.triton is None:
-        pytest.skip("Triton is not installed (it comes with CUDA builds of torch)")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if approxmatch_triton.available(torch.device("cpu")):
-        return torch.device("cpu")
-    pytest.skip("no CUDA device, and TRITON_INTERPRET=1 is not set")
-
-
 @pytest.mark.parametrize("n, batch", [(100, 3), (257, 2)])  # not multiples of the kernels' blocks: masks
 def test_approxmatch_triton_kernels_equal_the_torch_version(n, batch):
-    device = _triton_device()
+    device = triton_test_device()
     g = _gen(30 + n)
     ref = torch.rand(batch, n, 3, generator=g) - 0.5
     x = torch.rand(batch, n, 3, generator=g) - 0.5

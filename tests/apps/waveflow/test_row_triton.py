@@ -11,16 +11,7 @@ import torch
 
 from apps.waveflow import row_triton
 from apps.waveflow.model import RowStepper, WaveFlow
-
-
-def _triton_device() -> torch.device:
-    if row_triton.triton is None:
-        pytest.skip("Triton is not installed")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if row_triton.available(torch.device("cpu")):
-        return torch.device("cpu")
-    pytest.skip("no CUDA device, and TRITON_INTERPRET=1 is not set")
+from tests.helpers import triton_test_device
 
 
 def _model(dilations_h: list[int]) -> WaveFlow:
@@ -38,7 +29,7 @@ def _model(dilations_h: list[int]) -> WaveFlow:
 def test_fused_rows_synthesize_the_audio_of_the_torch_rows(monkeypatch, dilations_h):
     """Width 40 in blocks of 16 (three programs a row, the last one partial); width dilations up to 64 >= the width
     (taps entirely in the zero padding); height dilations 1 and 1, 2, 4 (windows of non-adjacent rows); batch 2."""
-    device = _triton_device()
+    device = triton_test_device()
     monkeypatch.setattr(row_triton, "BLOCK_W", 16)
     model = _model(dilations_h).to(device)
     mel = torch.randn(2, 4, 40, device=device)
@@ -82,7 +73,7 @@ def test_self_check_passes_for_the_kernel_and_catches_a_broken_one(monkeypatch):
     """auto takes the kernel only after it gave a small conditioner's rows as the torch GEMMs do."""
     from apps.waveflow.model import _triton_rows_self_check
 
-    device = _triton_device()
+    device = triton_test_device()
     check = _triton_rows_self_check.__wrapped__  # uncached
     assert check(str(device), torch.float32, 16, 3) == ""
 
