@@ -362,7 +362,9 @@ class RowStepper:
         else:
             self.w_cond, self.b_cond = None, bias.reshape(1, L * 2 * C, 1)
         if self.fused:  # the kernel's operands: taps (k, 2C, k C), skip rows padded to 16, residual bias (C,)
-            from apps.waveflow.row_triton import SKIP_ROWS
+            from apps.waveflow.row_triton import SKIP_ROWS, layer_row
+
+            self.layer_row = layer_row  # looked up once, not in every row step
 
             self.fused_weights = []
             for _, w3, w_res, b_res, w_skip in self.blocks:
@@ -386,12 +388,10 @@ class RowStepper:
         h = torch.addcmul(self.b_start, self.w_start, x_row[:, None], out=self.history[0][:, first.pad_h + j])
         skip = self.skip_bias.expand(x_row.shape[0], 2, x_row.shape[-1]).clone()  # (B, 2, W)
         if self.fused:
-            from apps.waveflow.row_triton import layer_row
-
             for i, ((b, *_), (taps, skip16, w_res, b_res)) in enumerate(zip(self.blocks, self.fused_weights)):
                 nxt = self.history[i + 1][:, self.blocks[i + 1][0].pad_h + j] if i + 1 < n else None
                 cond = conds[:, i * 2 * C : (i + 1) * 2 * C]
-                layer_row(self.history[i], j, b.dh, b.dw, cond, taps, skip16, skip, w_res, b_res, nxt)
+                self.layer_row(self.history[i], j, b.dh, b.dw, cond, taps, skip16, skip, w_res, b_res, nxt)
             return skip[:, 0], skip[:, 1]
         for i, (b, w3, w_res, b_res, w_skip) in enumerate(self.blocks):
             window = self.history[i][:, j : j + b.pad_h + 1 : b.dh].flatten(1, 2)  # (B, k C, W), oldest row first
@@ -406,12 +406,15 @@ class RowStepper:
         return skip[:, 0], skip[:, 1]
 
 
+ROW_IMPLS = ("auto", "torch", "triton")  # how RowStepper computes a row: see its docstring
+
+
 def _use_triton_rows(impl: str, device: torch.device, channels: int, dtype: torch.dtype, kernel: int) -> bool:
     """Whether a :class:`RowStepper` runs its layers as the fused Triton kernel (see its ``impl``). ``auto`` takes
     it on CUDA only after :func:`_triton_rows_self_check` passed for this device, dtype and size (else it warns once
     and keeps the torch rows: a kernel that fails to build or disagrees never gives audio)."""
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"RowStepper: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl not in ROW_IMPLS:
+        raise ValueError(f"RowStepper: impl must be one of {', '.join(ROW_IMPLS)}, got {impl!r}")
     if impl == "torch":
         return False
     from apps.waveflow import row_triton
@@ -758,8 +761,8 @@ class WaveFlow(nn.Module):
     def set_row_impl(self, impl: str) -> WaveFlow:
         """How synthesis computes a conditioner row (:class:`RowStepper`'s ``impl``: ``auto``, ``torch`` or
         ``triton``) in every flow; returns self."""
-        if impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"WaveFlow: row impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        if impl not in ROW_IMPLS:
+            raise ValueError(f"WaveFlow: row impl must be one of {', '.join(ROW_IMPLS)}, got {impl!r}")
         for layer in self.layers:
             layer.row_impl = impl
         return self
