@@ -9,7 +9,7 @@ from apps.waveflow.model import (
     MelUpsampler,
     WaveFlow,
     WaveFlowLayer,
-    _GatedTanh,
+    _ConvGate,
     default_height_dilations,
     height_orders,
     squeeze,
@@ -231,10 +231,45 @@ def test_parallel_pass_equals_the_row_steps_in_values_and_parameter_gradients(co
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_gate_node_is_tanh_times_sigmoid_with_its_gradient():
-    a = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(_GatedTanh.apply(a), torch.tanh(a[:, :3]) * torch.sigmoid(a[:, 3:]))
-    assert torch.autograd.gradcheck(_GatedTanh.apply, (a,))
+@pytest.mark.parametrize("with_mel", [True, False])
+def test_conv_gate_node_is_conv_plus_mel_then_tanh_times_sigmoid_with_its_gradient(with_mel):
+    """The fused training node (:class:`_ConvGate`): dilated convolution of the padded input + mel projection, then
+    tanh * sigmoid, in (B rows W, C) layout; its hand-written backward passes gradcheck for every input (float64)."""
+    torch.manual_seed(0)
+    B, C, M, rows, width, dil = 2, 3, 4, 3, 5, (1, 2)
+    padded = torch.randn(B, C, rows + 2, width + 4, dtype=torch.float64).permute(0, 2, 3, 1).contiguous()
+    padded = padded.permute(0, 3, 1, 2).requires_grad_()  # channels-last memory, as WaveNet2D.forward passes it
+    weight = torch.randn(2 * C, C, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2 * C, dtype=torch.float64, requires_grad=True)
+    mel = torch.randn(B * rows * width, M, dtype=torch.float64, requires_grad=True) if with_mel else None
+    w_mel = torch.randn(2 * C, M, dtype=torch.float64, requires_grad=True) if with_mel else None
+    a = torch.nn.functional.conv2d(padded, weight, bias, dilation=dil).permute(0, 2, 3, 1).reshape(-1, 2 * C)
+    if with_mel:
+        a = a + mel @ w_mel.t()
+    expected = torch.tanh(a[:, :C]) * torch.sigmoid(a[:, C:])
+    torch.testing.assert_close(_ConvGate.apply(padded, weight, bias, mel, w_mel, dil), expected)
+    assert torch.autograd.gradcheck(lambda *t: _ConvGate.apply(*t, dil), (padded, weight, bias, mel, w_mel))
+
+
+def test_parallel_pass_trains_under_bf16_autocast():
+    """``trainer.precision=bf16-mixed``: the fused node and the in-place GEMMs (not autocast themselves) run under
+    autocast, the gradients come back float32, and loss and gradients stay near float32's."""
+    torch.manual_seed(0)
+    model = WaveFlow(height=8, n_flows=2, n_layers=3, channels=8, n_mels=5, hop_length=16)
+    _perturb(model, 0.2)
+    audio, mel = 0.1 * torch.randn(2, 256), torch.randn(2, 5, 17)
+
+    def loss_and_grads(bf16: bool):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = -model.log_prob(audio, mel).mean()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (l32, g32), (l16, g16) = loss_and_grads(False), loss_and_grads(True)
+    assert g16.dtype == torch.float32 and torch.isfinite(g16).all()
+    assert abs(l16 - l32) < 0.02 * abs(l32)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
 
 
 def test_last_layer_has_no_unused_parameters():
