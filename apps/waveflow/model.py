@@ -273,15 +273,16 @@ class WaveNet2D(nn.Module):
         """The parallel pass (training, density): (B, 1, rows, W), (B, context_channels, rows, W) -> (B, 2, rows, W).
 
         The same function as the module structure says (``step`` computes it row by row), arranged for speed on the
-        CPU (oneDNN), where it is about 1.4x faster than the modules called as written:
+        CPU (oneDNN):
         - activations are channels-last, (B, rows, W, C) in memory: oneDNN's dilated convolutions run 1.3-1.5x
           faster so, and every 1x1 convolution is one GEMM over all B rows W positions;
         - each layer's input is padded once, causally along height and by its dilation along width, and the
           convolution itself pads nothing (with the padding inside the convolution oneDNN's weight gradient takes
           three times as long for width dilations >= 32);
-        - the convolution, the mel projection and the gate are one autograd node (:class:`_ConvGate`); the mel,
-          skip and residual projections accumulate in place into their GEMM's output (no copy of the addend, and
-          none is a view, which would make autograd copy); the convolution biases join the mel projection's;
+        - the convolution, the mel projection (accumulated into the convolution's output) and the gate are one
+          autograd node (:class:`_ConvGate`); the convolution biases join the mel projection's;
+        - the skip and residual projections accumulate in place into tensors of their own (no copy of the addend;
+          an in-place op on a view would make autograd copy the gradient);
         - the output 1x1 convolution is linear after the skip sum, so it is folded into each layer's skip
           projection: the skip path is 2 channels wide instead of C.
         A ``context`` whose memory is already channels-last (a permuted (B, rows, W, context_channels) tensor, as
