@@ -149,7 +149,8 @@ class _ConvGate(torch.autograd.Function):
     (B rows W, C). The mel projection accumulates in place into the convolution's output, which only this node
     sees (as separate nodes, the in-place add on a view of it made autograd copy the gradient three times); the
     backward writes the gradient of ``a`` into one (B rows W, 2C) tensor and calls the convolution's backward on
-    it. Keeps ``padded``, tanh and sigmoid, as the separate nodes did. First-order only (training needs no more).
+    it. Keeps ``padded``, tanh and sigmoid as the separate nodes did, and references to the mel rows and weights
+    (cast copies under autocast, as autocast's own GEMM kept). First-order only (training needs no more).
     Under autocast (``trainer.precision=bf16-mixed``) everything runs in the autocast dtype, as the convolution
     and GEMMs would on their own; the gradients return in their inputs' dtypes.
     """
